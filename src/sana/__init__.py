@@ -1,0 +1,16 @@
+"""sana: a fast, tested PyTorch implementation of the Sana text-to-image system."""
+
+from sana.errors import CheckpointError, ConfigError, SanaError
+from sana.weights.load import convert, load_autoencoder, load_transformer, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "SanaError",
+    "convert",
+    "load_autoencoder",
+    "load_transformer",
+    "save_model",
+]

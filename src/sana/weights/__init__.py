@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: layouts (original NVlabs, diffusers, native), strict conversion."""
