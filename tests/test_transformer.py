@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close_rel, randomize_
 
 import sana
+from conftest import assert_close_rel, randomize_
 from sana.models import TRANSFORMER_PRESETS, SanaTransformer, TransformerConfig
 from sana.weights import transformer as tconv
 
@@ -14,9 +14,17 @@ diffusers = pytest.importorskip("diffusers")
 
 # Tiny versions of every released variant (diffusers config keys).
 BASE = dict(
-    in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=8, num_layers=2,
-    num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
-    sample_size=8, patch_size=1,
+    in_channels=8,
+    out_channels=8,
+    num_attention_heads=4,
+    attention_head_dim=8,
+    num_layers=2,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=16,
+    cross_attention_dim=32,
+    caption_channels=24,
+    sample_size=8,
+    patch_size=1,
 )
 VARIANTS = {
     "sana-1.0 (NoPE)": {},
@@ -52,8 +60,9 @@ def reference(model, cfg: TransformerConfig, x, t, text, mask, guidance=None):
     else:
         timestep = t * 1000.0
     with torch.no_grad():
-        return model(x, encoder_hidden_states=text, timestep=timestep, encoder_attention_mask=mask,
-                     return_dict=False, **kwargs)[0]
+        return model(
+            x, encoder_hidden_states=text, timestep=timestep, encoder_attention_mask=mask, return_dict=False, **kwargs
+        )[0]
 
 
 def ours(model, x, t, text, mask, guidance=None):
@@ -87,10 +96,12 @@ def to_original(sd: dict, guidance: bool) -> dict:
         ("proj_out.", "final_layer.linear."),
     ]
     t = "time_embed." if guidance else "time_embed.emb."
-    simple += [(t + "timestep_embedder.linear_1.", "t_embedder.mlp.0."),
-               (t + "timestep_embedder.linear_2.", "t_embedder.mlp.2."),
-               ("time_embed.guidance_embedder.linear_1.", "cfg_embedder.mlp.0."),
-               ("time_embed.guidance_embedder.linear_2.", "cfg_embedder.mlp.2.")]
+    simple += [
+        (t + "timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+        (t + "timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+        ("time_embed.guidance_embedder.linear_1.", "cfg_embedder.mlp.0."),
+        ("time_embed.guidance_embedder.linear_2.", "cfg_embedder.mlp.2."),
+    ]
     out["final_layer.scale_shift_table"] = sd.pop("scale_shift_table")
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
     for i in blocks:
@@ -100,7 +111,9 @@ def to_original(sd: dict, guidance: bool) -> dict:
         for p in ("weight", "bias"):
             out[o + f"attn.proj.{p}"] = sd.pop(d + f"attn1.to_out.0.{p}")
             out[o + f"cross_attn.q_linear.{p}"] = sd.pop(d + f"attn2.to_q.{p}")
-            out[o + f"cross_attn.kv_linear.{p}"] = torch.cat([sd.pop(d + f"attn2.to_k.{p}"), sd.pop(d + f"attn2.to_v.{p}")])
+            out[o + f"cross_attn.kv_linear.{p}"] = torch.cat(
+                [sd.pop(d + f"attn2.to_k.{p}"), sd.pop(d + f"attn2.to_v.{p}")]
+            )
             out[o + f"cross_attn.proj.{p}"] = sd.pop(d + f"attn2.to_out.0.{p}")
             out[o + f"mlp.inverted_conv.conv.{p}"] = sd.pop(d + f"ff.conv_inverted.{p}")
             out[o + f"mlp.depth_conv.conv.{p}"] = sd.pop(d + f"ff.conv_depth.{p}")
@@ -112,7 +125,7 @@ def to_original(sd: dict, guidance: bool) -> dict:
     for k in list(sd):
         for src, dst in simple:
             if k.startswith(src):
-                out[dst + k[len(src):]] = sd.pop(k)
+                out[dst + k[len(src) :]] = sd.pop(k)
     assert not sd, sorted(sd)
     return out
 
@@ -208,8 +221,9 @@ def test_dtypes_and_fp16_clamp():
 
 
 def test_gradient_checkpointing_same_gradients():
-    cfg = TransformerConfig(hidden_size=32, depth=2, linear_head_dim=8, cross_heads=2, in_channels=4,
-                            out_channels=4, caption_channels=16)
+    cfg = TransformerConfig(
+        hidden_size=32, depth=2, linear_head_dim=8, cross_heads=2, in_channels=4, out_channels=4, caption_channels=16
+    )
     model = randomize_(SanaTransformer(cfg))
     x, t, text, mask = inputs(cfg)
     grads = []
@@ -223,8 +237,9 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_guidance_required_for_sprint():
-    cfg = dataclasses.replace(TRANSFORMER_PRESETS["sana-sprint-0.6b"], hidden_size=32, depth=1, cross_heads=2,
-                              caption_channels=8)
+    cfg = dataclasses.replace(
+        TRANSFORMER_PRESETS["sana-sprint-0.6b"], hidden_size=32, depth=1, cross_heads=2, caption_channels=8
+    )
     model = SanaTransformer(cfg)
     x, t, text, mask = inputs(cfg)
     with pytest.raises(ValueError, match="guidance"):

@@ -60,8 +60,10 @@ class TransformerConfig:
             (C % self.cross_heads == 0, f"hidden_size={C} not divisible by cross_heads={self.cross_heads}"),
             (self.patch_size >= 1, f"patch_size={self.patch_size} must be >= 1"),
             (self.pe_interpolation is None or C % 4 == 0, f"sin-cos PE needs hidden_size % 4 == 0, got {C}"),
-            (self.pe_interpolation is None or self.pe_interpolation > 0,
-             f"pe_interpolation={self.pe_interpolation} must be positive"),
+            (
+                self.pe_interpolation is None or self.pe_interpolation > 0,
+                f"pe_interpolation={self.pe_interpolation} must be positive",
+            ),
             (self.time_scale > 0, f"time_scale={self.time_scale} must be positive"),
         ]
         for ok, message in checks:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, bias: torch.Tensor | None = None):
     """RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * w (+ b), statistics in fp32."""
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1): no fp32 copy of x kept alive
+    y = (x * rstd).to(x.dtype)
     if weight is not None:
         y = y * weight
     if bias is not None:

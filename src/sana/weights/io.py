@@ -130,8 +130,9 @@ def atomic_write(path: str | Path, write_fn) -> None:
 
 def write_safetensors(path: str | Path, sd: StateDict, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors atomically (tensors made contiguous, shared storage broken)."""
-    tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, sd) else v.detach().contiguous()
-               for k, v in sd.items()}
+    tensors = {
+        k: v.detach().contiguous().clone() if _shares_storage(v, sd) else v.detach().contiguous() for k, v in sd.items()
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

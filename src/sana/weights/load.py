@@ -62,12 +62,24 @@ class ModelKind:
 
 
 TRANSFORMER = ModelKind(
-    "transformer", "sana.models.transformer", "SanaTransformer", "TransformerConfig", "TRANSFORMER_PRESETS",
-    "sana.weights.transformer", "SanaTransformer2DModel", "transformer",
+    "transformer",
+    "sana.models.transformer",
+    "SanaTransformer",
+    "TransformerConfig",
+    "TRANSFORMER_PRESETS",
+    "sana.weights.transformer",
+    "SanaTransformer2DModel",
+    "transformer",
 )
 AUTOENCODER = ModelKind(
-    "autoencoder", "sana.models.dcae", "DCAE", "DCAEConfig", "DCAE_PRESETS",
-    "sana.weights.dcae", "AutoencoderDC", "vae",
+    "autoencoder",
+    "sana.models.dcae",
+    "DCAE",
+    "DCAEConfig",
+    "DCAE_PRESETS",
+    "sana.weights.dcae",
+    "AutoencoderDC",
+    "vae",
 )
 KINDS = (TRANSFORMER, AUTOENCODER)
 

@@ -92,7 +92,9 @@ def _table(cfg: TransformerConfig, layout: str) -> list[tuple[str, tuple[str, ..
             add(f"{n}.ffn.inverted", f"{o}.mlp.inverted_conv.conv", "conv1x1")
             add(f"{n}.ffn.depthwise", f"{o}.mlp.depth_conv.conv")
             add(f"{n}.ffn.point", f"{o}.mlp.point_conv.conv", "conv1x1", params=("weight",))
-    rows.append(("final.scale_shift_table", ("scale_shift_table" if diff else "final_layer.scale_shift_table",), "copy"))
+    rows.append(
+        ("final.scale_shift_table", ("scale_shift_table" if diff else "final_layer.scale_shift_table",), "copy")
+    )
     add("final.linear", "proj_out" if diff else "final_layer.linear")
     return rows
 
@@ -296,7 +298,6 @@ def config_from_original(sd: StateDict, source: str = "checkpoint") -> Transform
         guidance_embeds=guidance,
         time_scale=1.0 if guidance else 1000.0,
     )
-
 
 
 def config_from_state_dict(sd: StateDict, layout: str, source: str = "checkpoint") -> TransformerConfig:

@@ -1,0 +1,5 @@
+import sys
+
+from sana.cli import main
+
+sys.exit(main())
