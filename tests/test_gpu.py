@@ -71,3 +71,40 @@ def test_full_size_transformer_bf16(preset):
     _record(f"transformer {preset} 1024x1024 batch 2", **r)
     assert r["fp32_ours_vs_diffusers"] < 1e-4
     assert r["bf16_ours_vs_fp32"] <= 1.5 * r["bf16_diffusers_vs_fp32"] + 1e-3
+
+
+def test_full_size_dcae_bf16():
+    from sana.models import DCAE, DCAE_PRESETS
+    from sana.weights import dcae as aconv
+
+    cfg = DCAE_PRESETS["dc-ae-f32c32-sana-1.1"]
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderDC.from_config(aconv.config_to_diffusers(cfg)).cuda().eval()
+    with torch.no_grad():  # diffusers inits norms to 1/0: perturb so that every term matters
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = DCAE(cfg).cuda().eval()
+    ours.load_state_dict(aconv.to_native(ref.state_dict(), "diffusers", cfg))
+    img = torch.rand(1, 3, 1024, 1024, device="cuda") * 2 - 1
+    with torch.no_grad():
+        z32_ref = ref.encode(img).latent
+        x32_ref = ref.decode(z32_ref).sample
+        z32, x32 = ours.encode(img), ours.decode(z32_ref)
+        ref.to(torch.bfloat16)
+        ours.to(torch.bfloat16)
+        z16_ref, x16_ref = ref.encode(img.bfloat16()).latent, ref.decode(z32_ref.bfloat16()).sample
+        z16, x16 = ours.encode(img.bfloat16()), ours.decode(z32_ref.bfloat16())
+    r = dict(
+        fp32_encode=_rel(z32, z32_ref),
+        fp32_decode=_rel(x32, x32_ref),
+        bf16_encode_ours_vs_fp32=_rel(z16, z32_ref),
+        bf16_encode_diffusers_vs_fp32=_rel(z16_ref, z32_ref),
+        bf16_decode_ours_vs_fp32=_rel(x16, x32_ref),
+        bf16_decode_diffusers_vs_fp32=_rel(x16_ref, x32_ref),
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+    )
+    _record("dc-ae-f32c32-sana-1.1 1024x1024", **r)
+    assert r["fp32_encode"] < 1e-4 and r["fp32_decode"] < 1e-4
+    assert r["bf16_encode_ours_vs_fp32"] <= 1.5 * r["bf16_encode_diffusers_vs_fp32"] + 1e-3
+    assert r["bf16_decode_ours_vs_fp32"] <= 1.5 * r["bf16_decode_diffusers_vs_fp32"] + 1e-3
