@@ -23,8 +23,116 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT (or one number for a square) -> (height, width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x768, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x768, got {text!r}")
+    width, height = parts
+    return height, width
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [args.prompt] if args.prompt else []
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SanaError(f"cannot read prompts file {args.prompts_file}: {e}") from e
+    if not prompts:
+        raise SanaError("no prompt: give one as an argument or --prompts-file FILE (one prompt a line)")
+    return prompts
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    from sana import resolution
+
+    if args.size is not None:
+        try:
+            resolution.check_size(*args.size)
+        except ValueError as e:
+            raise SanaError(str(e)) from e
+    if args.steps is not None and args.steps < 1:
+        raise SanaError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and args.guidance < 0:
+        raise SanaError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.num_images < 1:
+        raise SanaError(f"--num-images must be >= 1, got {args.num_images}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from sana import outputs
+    from sana.pipeline import Pipeline
+
+    prompts = _read_prompts(args)
+    _check_generate_args(args)
+    try:
+        paths = outputs.numbered_paths(args.output, len(prompts) * args.num_images, args.overwrite)
+    except ValueError as e:
+        raise SanaError(str(e)) from e
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, progress=not args.no_progress)
+    height, width = args.size or (pipe.default_size, pipe.default_size)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    k = 0
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        try:
+            images = pipe(
+                prompt,
+                negative_prompt=args.negative,
+                height=height,
+                width=width,
+                steps=args.steps,
+                guidance=args.guidance,
+                seed=seed + i,
+                sampler=args.sampler,
+                num_images=args.num_images,
+            )
+        except ValueError as e:
+            raise SanaError(str(e)) from e
+        seconds = time.perf_counter() - start
+        for j, image in enumerate(images):
+            params = dict(
+                prompt=prompt,
+                negative_prompt=args.negative,
+                steps=args.steps or pipe.steps,
+                sampler=(args.sampler or pipe.sampler.value),
+                guidance=pipe.guidance if args.guidance is None else args.guidance,
+                seed=seed + i,
+                batch_index=j,
+                num_images=args.num_images,
+                width=width,
+                height=height,
+                model=args.model,
+                dtype=str(pipe.dtype).removeprefix("torch."),
+                device=str(pipe.device),
+            )
+            outputs.save_png(image, paths[k], params)
+            print(f"wrote {paths[k]} ({width}x{height}, {seconds / len(images):.2f} s/image)", file=sys.stderr)
+            k += 1
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other error a user can cause."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sana",
         description="Sana text-to-image: generate, convert, train and serve.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -49,12 +157,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default=None, help="architecture preset to use instead of inferring it (e.g. sana-1600m-1024)"
     )
     p.set_defaults(func=_cmd_convert)
+
+    from sana.pipeline import PIPELINE_PRESETS, Sampler
+
+    presets = ", ".join(PIPELINE_PRESETS)
+    g = sub.add_parser(
+        "generate",
+        help="generate images from text",
+        description=f"Generate images from a prompt. Models: a preset ({presets}), a Hugging Face repo id or "
+        "a local diffusers-format pipeline folder. PNGs carry the generation parameters as text chunks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts-file)")
+    g.add_argument("-o", "--output", default="out.png", help="output PNG; several images are numbered beside it")
+    g.add_argument("--model", default="sana-600m-1024", help="preset name, Hub repo id or local pipeline folder")
+    g.add_argument(
+        "--size",
+        type=_parse_size,
+        default=None,
+        metavar="WxH",
+        help="image size, multiples of 32 up to 4096 (default: the model's native size)",
+    )
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, 4.5)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random, written to the PNG)")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--sampler", choices=[s.value for s in Sampler], default=None, help="sampler (default: the model's)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt a line")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="weights dtype (auto: bf16 on GPU, fp16 for fp16-trained models, fp32 on CPU)",
+    )
+    g.add_argument("--overwrite", action="store_true", help="overwrite existing files instead of numbering anew")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints one line and exits 2
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -401,6 +401,14 @@ class DCAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
     def encode(self, img: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1], H and W multiples of f -> raw latent (B, c, H/f, W/f)."""
         f, c = self.config.spatial_compression, self.config.in_channels

@@ -117,6 +117,9 @@ def atomic_write(path: str | Path, write_fn) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved checkpoint gets the usual permissions
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as f:
