@@ -158,3 +158,28 @@ def test_fp16_and_bf16_run(base_dir):
         assert pipe.transformer.dtype == dtype
         images = pipe("a cat", height=512, width=512, steps=2, seed=0)
         assert images[0].size == (512, 512)
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0], ids=["cfg+pag", "pag"])
+def test_pag_equals_diffusers(base_dir, guidance):
+    ref = diffusers.SanaPAGPipeline.from_pretrained(base_dir, pag_applied_layers=["transformer_blocks.1"])
+    ref.set_progress_bar_config(disable=True)
+    expected = _diffusers_latents(
+        ref,
+        prompt=PROMPTS[:1],
+        negative_prompt="blurry",
+        height=512,
+        width=512,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        pag_scale=2.0,
+        generator=torch.Generator().manual_seed(4),
+    )
+    ours = Pipeline.from_pretrained(base_dir, device="cpu", progress=False)
+    ours.pag_blocks = (1,)
+    got = ours.generate_latents(
+        PROMPTS[:1], "blurry", height=512, width=512, steps=3, guidance=guidance, seed=4, pag_scale=2.0
+    )
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    without = ours.generate_latents(PROMPTS[:1], "blurry", height=512, width=512, steps=3, guidance=guidance, seed=4)
+    assert (without - got).abs().max() > 1e-3  # PAG changes the result

@@ -62,6 +62,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise SanaError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and args.guidance < 0:
         raise SanaError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.pag_scale < 0:
+        raise SanaError(f"--pag-scale must be >= 0, got {args.pag_scale}")
     if args.num_images < 1:
         raise SanaError(f"--num-images must be >= 1, got {args.num_images}")
 
@@ -81,7 +83,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SanaError(str(e)) from e
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, progress=not args.no_progress)
+    pipe = Pipeline.from_pretrained(
+        args.model, device=args.device, dtype=dtype, revision=args.revision, progress=not args.no_progress
+    )
     height, width = args.size or (pipe.default_size, pipe.default_size)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     k = 0
@@ -117,6 +121,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 model=args.model,
                 dtype=str(pipe.dtype).removeprefix("torch."),
                 device=str(pipe.device),
+                pag_scale=args.pag_scale,
             )
             outputs.save_png(image, paths[k], params)
             print(f"wrote {paths[k]} ({width}x{height}, {seconds / len(images):.2f} s/image)", file=sys.stderr)
@@ -184,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--sampler", choices=[s.value for s in Sampler], default=None, help="sampler (default: the model's)")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument(
+        "--pag-scale",
+        type=float,
+        default=0.0,
+        help="perturbed-attention guidance scale (0 = off; the reference app uses 2.0)",
+    )
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
     g.add_argument("--prompts-file", default=None, help="a text file with one prompt a line")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument(

@@ -115,6 +115,7 @@ class Pipeline:
         guidance: float = 4.5,
         name: str = "sana",
         progress: bool = True,
+        pag_blocks: Sequence[int] | None = None,
     ):
         if flow_shift <= 0:
             raise ConfigError(f"flow_shift must be > 0, got {flow_shift}")
@@ -124,6 +125,11 @@ class Pipeline:
         self.sampler, self.flow_shift, self.guidance, self.name = sampler, flow_shift, guidance, name
         self.steps = steps or _DEFAULT_STEPS[sampler]
         self.progress = progress
+        depth = transformer.config.depth
+        # Reference PAG layers: block 14 of the 28-block 600M, block 8 of the 20-block 1600M.
+        self.pag_blocks = (
+            tuple(pag_blocks) if pag_blocks is not None else ({28: (14,), 20: (8,)}.get(depth, (depth // 2,)))
+        )
 
     # ---------------------------------------------------------------------------------------------------
     # Loading
@@ -194,6 +200,7 @@ class Pipeline:
         progress: bool | None = None,
         chi: Sequence[str] | None = DEFAULT_CHI,
         use_resolution_binning: bool = True,
+        pag_scale: float = 0.0,
     ) -> list[Image.Image]:
         """Generate `num_images` images per prompt; returns a list of PIL images (prompt-major order)."""
         height = height or self.default_size
@@ -233,8 +240,12 @@ class Pipeline:
         progress: bool | None = None,
         chi: Sequence[str] | None = DEFAULT_CHI,
         use_resolution_binning: bool = True,
+        pag_scale: float = 0.0,
     ) -> torch.Tensor:
-        """The final latents (B * num_images, C, h, w) in fp32, before decoding."""
+        """The final latents (B * num_images, C, h, w) in fp32, before decoding.
+
+        pag_scale > 0 adds perturbed-attention guidance on `self.pag_blocks` (batch [uncond, cond, perturbed]).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -271,30 +282,40 @@ class Pipeline:
             with torch.no_grad():
                 if sampler is Sampler.SCM:
                     return self._sample_scm(noise, text, mask, steps, guidance, generator, on_step)
-                cfg = guidance > 1.0
+                cfg, pag = guidance > 1.0, pag_scale > 0
+                cond_text, cond_mask = text, mask
                 if cfg:
                     neg, neg_mask = self.text_encoder.encode_negative(negatives)
                     text = torch.cat([_repeat(neg, num_images), text])
                     mask = torch.cat([_repeat(neg_mask, num_images), mask])
+                pag_from = text.shape[0] if pag else None
+                if pag:  # the perturbed copy of the conditional rows goes last
+                    text, mask = torch.cat([text, cond_text]), torch.cat([mask, cond_mask])
                 solver = sampling.flow_dpm_solver if sampler is Sampler.FLOW_DPM_SOLVER else sampling.flow_euler
                 sigmas = (sampling.flow_sigmas if solver is sampling.flow_dpm_solver else sampling.euler_sigmas)(
                     steps, self.flow_shift
                 )
-                model = self._flow_velocity(text, mask, solver)
-                velocity = sampling.classifier_free_guidance(model, guidance) if cfg else model
+                model = self._flow_velocity(text, mask, solver, pag_from)
+                if pag:
+                    velocity = sampling.perturbed_attention_guidance(model, pag_scale, guidance if cfg else None)
+                elif cfg:
+                    velocity = sampling.classifier_free_guidance(model, guidance)
+                else:
+                    velocity = model
                 return solver(velocity, noise, sigmas, callback=on_step)
         finally:
             bar.close()
 
-    def _flow_velocity(self, text: torch.Tensor, mask: torch.Tensor, solver) -> sampling.Velocity:
+    def _flow_velocity(self, text: torch.Tensor, mask: torch.Tensor, solver, pag_from=None) -> sampling.Velocity:
         """velocity(x, sigma) of the transformer, fed the timestep diffusers' scheduler feeds for `solver`."""
         model, dtype = self.transformer, self.transformer.dtype
         text = text.to(dtype)
+        pag_blocks = self.pag_blocks if pag_from is not None else ()
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
             # float64 k/1000: the model multiplies by 1000 in float64, recovering the integer timestep exactly.
             t = torch.tensor(sampling.model_timestep(sigma, solver) / 1000.0, dtype=torch.float64, device=x.device)
-            return model(x.to(dtype), t, text, mask).float()
+            return model(x.to(dtype), t, text, mask, pag_blocks=pag_blocks, pag_from=pag_from).float()
 
         return velocity
 

@@ -21,6 +21,7 @@ Native state-dict layout (this module's own names):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,13 +104,13 @@ class SanaBlock(nn.Module):
         self.cross_attn = CrossAttention(C, cfg.cross_heads, cfg.qk_norm)
         self.ffn = MixFFN(C, cfg.ffn_hidden)
 
-    def forward(self, x, t6, text_kv, bias, H: int, W: int):
+    def forward(self, x, t6, text_kv, bias, H: int, W: int, perturb_from: int | None = None):
         # x (B, N, C); t6 (B, 6C); text_kv: keys/values (B, h, L, d); bias (B, 1, 1, L) additive mask
         B, N, C = x.shape
         mod = self.scale_shift_table[None] + t6.view(B, 6, C)  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # (B, C) each
         h = SF.modulate(F.layer_norm(x, (C,), eps=1e-6), shift_msa, scale_msa).to(x.dtype)
-        x = x + gate_msa[:, None] * self.attn(h)
+        x = x + gate_msa[:, None] * self.attn(h, perturb_from)
         x = x + self.cross_attn(x, text_kv, bias)
         h = SF.modulate(F.layer_norm(x, (C,), eps=1e-6), shift_mlp, scale_mlp)
         return x + gate_mlp[:, None] * self.ffn(h, H, W)
@@ -181,10 +182,13 @@ class SanaTransformer(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        pag_blocks: Sequence[int] = (),
+        pag_from: int | None = None,
     ) -> torch.Tensor:
         """x (B, Cin, H, W) latent; t (B,) or scalar flow time; text (B, L, 2304); text_mask (B, L), 1 = real token.
 
         Returns the velocity (B, Cout, H, W) in x's layout. H and W must be multiples of the patch size.
+        Perturbed-attention guidance: in blocks `pag_blocks`, batch rows `pag_from:` get identity attention.
         """
         cfg, p = self.config, self.config.patch_size
         B, _, H, W = x.shape
@@ -206,12 +210,15 @@ class SanaTransformer(nn.Module):
         bias = None
         if text_mask is not None:  # additive bias as the reference: (1 - m) * -10000 in the model dtype
             bias = ((1 - text_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
-        for block in self.blocks:
+        if pag_blocks and pag_from is None:
+            raise ValueError("pag_blocks needs pag_from, the first batch row with perturbed attention")
+        for i, block in enumerate(self.blocks):
             text_kv = block.cross_attn.text_kv(y)
+            perturb = pag_from if i in pag_blocks else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, t6, text_kv, bias, h, w, use_reentrant=False)
+                tokens = checkpoint(block, tokens, t6, text_kv, bias, h, w, perturb, use_reentrant=False)
             else:
-                tokens = block(tokens, t6, text_kv, bias, h, w)
+                tokens = block(tokens, t6, text_kv, bias, h, w, perturb)
         out = self.final(tokens, t_emb)  # (B, N, p*p*Cout)
         out = out.view(B, h, w, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, Cout, h, p, w, p)
         return out.reshape(B, cfg.out_channels, H, W)

@@ -54,7 +54,18 @@ class LinearSelfAttention(nn.Module):
         self.k_norm = RMSNorm(dim, eps=1e-5) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perturb_from: int | None = None) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C). Rows from `perturb_from` on get identity attention (perturbed-attention
+        guidance: proj(v), as diffusers' PAG processors), the others linear attention."""
+        if perturb_from is not None:
+            out = torch.cat([self._attend(x[:perturb_from]), self.proj(self._value(x[perturb_from:]))])
+        else:
+            out = self._attend(x)
+        if out.dtype == torch.float16:  # the fp16-trained checkpoints rely on this clamp (diffusers #10336)
+            out = out.clamp(-65504, 65504)
+        return out
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, C) each
         if self.q_norm is not None:
@@ -62,15 +73,10 @@ class LinearSelfAttention(nn.Module):
         shape = (B, N, self.heads, self.head_dim)
         q, k, v = F.relu(q).view(shape), F.relu(k).view(shape), v.reshape(shape)
         out = SF.relu_linear_attention(q, k, v, self.eps)  # (B, N, h, d) fp32
-        out = self.proj(out.reshape(B, N, C).to(x.dtype))
-        if out.dtype == torch.float16:  # the fp16-trained checkpoints rely on this clamp (diffusers #10336)
-            out = out.clamp(-65504, 65504)
-        return out
+        return self.proj(out.reshape(B, N, C).to(x.dtype))
 
-    def forward_identity(self, x: torch.Tensor) -> torch.Tensor:
-        """Perturbed-attention guidance's identity attention: proj(v) (reference 6.2)."""
-        v = F.linear(x, self.qkv.weight[2 * x.shape[-1] :])
-        return self.proj(v)
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qkv.weight[2 * x.shape[-1] :])
 
 
 class CrossAttention(nn.Module):
