@@ -108,3 +108,24 @@ def test_full_size_dcae_bf16():
     assert r["fp32_encode"] < 1e-4 and r["fp32_decode"] < 1e-4
     assert r["bf16_encode_ours_vs_fp32"] <= 1.5 * r["bf16_encode_diffusers_vs_fp32"] + 1e-3
     assert r["bf16_decode_ours_vs_fp32"] <= 1.5 * r["bf16_decode_diffusers_vs_fp32"] + 1e-3
+
+
+def test_cuda_graph_pipeline_equals_eager(tmp_path):
+    """The fast path (CUDA graph replay) gives the eager path's latents, for CFG, PAG and Sprint."""
+    from sana.pipeline import Pipeline
+    from tiny import make_tiny_pipeline
+
+    for sprint in (False, True):
+        folder = make_tiny_pipeline(tmp_path / f"p{sprint}", sprint=sprint)
+        fast = Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float32, progress=False)
+        ref = Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float32, progress=False, fast=False)
+        kwargs = (
+            [dict(steps=2)] if sprint else [dict(steps=4), dict(steps=4, pag_scale=2.0), dict(steps=3, guidance=1.0)]
+        )
+        for kw in kwargs:
+            for prompt in ("a cat", "a dog on a skateboard"):  # the second call reuses the graph with new text
+                a = fast.generate_latents(prompt, height=512, width=512, seed=0, **kw)
+                b = ref.generate_latents(prompt, height=512, width=512, seed=0, **kw)
+                _record(f"graph vs eager sprint={sprint} {kw} {prompt}", max_abs=(a - b).abs().max().item())
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert fast._graphs and not ref._graphs

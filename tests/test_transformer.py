@@ -253,3 +253,13 @@ def test_guidance_required_for_sprint():
 def test_config_invariants(field, value):
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(TransformerConfig(), **{field: value})
+
+
+def test_flop_count_matches_reference_anchors():
+    from sana.bench import transformer_flops
+
+    # shared/DESIGN.md: 600M forward at 1024^2, batch 2 = 2.24 TFLOP; 1600M = 5.93; at 4096^2: 34.5 / 91.1.
+    assert transformer_flops(TRANSFORMER_PRESETS["sana-600m-1024"], 2, 32, 32) / 1e12 == pytest.approx(2.24, abs=0.01)
+    assert transformer_flops(TRANSFORMER_PRESETS["sana-1600m-1024"], 2, 32, 32) / 1e12 == pytest.approx(5.93, abs=0.01)
+    assert transformer_flops(TRANSFORMER_PRESETS["sana-600m-1024"], 2, 128, 128) / 1e12 == pytest.approx(34.5, abs=0.2)
+    assert transformer_flops(TRANSFORMER_PRESETS["sana-1600m-4k"], 2, 128, 128) / 1e12 == pytest.approx(91.1, abs=0.3)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from sana import resolution, sampling
 from sana.errors import ConfigError, SanaError
+from sana.fast import GraphedTransformer
 from sana.models.dcae import DCAE
 from sana.models.text_encoder import DEFAULT_CHI, TextEncoder
 from sana.models.transformer import SanaTransformer
@@ -116,6 +117,7 @@ class Pipeline:
         name: str = "sana",
         progress: bool = True,
         pag_blocks: Sequence[int] | None = None,
+        fast: bool = True,
     ):
         if flow_shift <= 0:
             raise ConfigError(f"flow_shift must be > 0, got {flow_shift}")
@@ -125,6 +127,9 @@ class Pipeline:
         self.sampler, self.flow_shift, self.guidance, self.name = sampler, flow_shift, guidance, name
         self.steps = steps or _DEFAULT_STEPS[sampler]
         self.progress = progress
+        self.fast = fast  # CUDA graph replay on CUDA devices (same numerics); False: plain eager reference
+        self.max_graphs = 4
+        self._graphs: dict = {}
         depth = transformer.config.depth
         # Reference PAG layers: block 14 of the 28-block 600M, block 8 of the 20-block 1600M.
         self.pag_blocks = (
@@ -142,6 +147,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         revision: str | None = None,
         progress: bool = True,
+        fast: bool = True,
     ) -> Pipeline:
         """Load a preset name, a Hugging Face repo id or a local diffusers-format pipeline folder."""
         from sana import hub
@@ -167,6 +173,7 @@ class Pipeline:
             guidance=preset.guidance if preset else 4.5,
             name=name,
             progress=progress,
+            fast=fast,
         )
 
     @property
@@ -295,7 +302,7 @@ class Pipeline:
                 sigmas = (sampling.flow_sigmas if solver is sampling.flow_dpm_solver else sampling.euler_sigmas)(
                     steps, self.flow_shift
                 )
-                model = self._flow_velocity(text, mask, solver, pag_from)
+                model = self._flow_velocity(text, mask, solver, (text.shape[0], *noise.shape[1:]), pag_from)
                 if pag:
                     velocity = sampling.perturbed_attention_guidance(model, pag_scale, guidance if cfg else None)
                 elif cfg:
@@ -306,28 +313,61 @@ class Pipeline:
         finally:
             bar.close()
 
-    def _flow_velocity(self, text: torch.Tensor, mask: torch.Tensor, solver, pag_from=None) -> sampling.Velocity:
+    def _model_fn(self, ctx, x_like: torch.Tensor, guidance=None, pag_blocks=(), pag_from=None):
+        """call(x, t) -> transformer velocity for inputs shaped like x_like: a replayed CUDA graph when fast
+        paths are on and the device is CUDA (the same kernels, no per-step launch overhead), else eager."""
+        model = self.transformer
+        if self.fast and x_like.device.type == "cuda":
+            key = (
+                tuple(x_like.shape),
+                x_like.dtype,
+                tuple(pag_blocks),
+                pag_from,
+                guidance is not None,
+                ctx.bias is not None,
+                tuple(ctx.kv[0][0].shape),
+            )
+            graphed = self._graphs.pop(key, None)
+            if graphed is None:
+                graphed = GraphedTransformer(model, x_like, ctx, guidance, pag_blocks, pag_from)
+            else:
+                graphed.set_text(ctx, guidance)
+            self._graphs[key] = graphed  # most recently used last
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            return graphed.run
+
+        def call(x: torch.Tensor, t: float) -> torch.Tensor:
+            t_tensor = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)  # no host sync
+            return model(x, t_tensor, ctx, guidance=guidance, pag_blocks=pag_blocks, pag_from=pag_from)
+
+        return call
+
+    def _flow_velocity(self, text, mask, solver, batch_shape, pag_from=None) -> sampling.Velocity:
         """velocity(x, sigma) of the transformer, fed the timestep diffusers' scheduler feeds for `solver`."""
         model, dtype = self.transformer, self.transformer.dtype
-        text = text.to(dtype)
+        ctx = model.encode_text(text, mask)  # once, not at every step
         pag_blocks = self.pag_blocks if pag_from is not None else ()
+        call = self._model_fn(
+            ctx, torch.empty(batch_shape, dtype=dtype, device=self.device), None, pag_blocks, pag_from
+        )
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            # float64 k/1000: the model multiplies by 1000 in float64, recovering the integer timestep exactly.
-            t = torch.tensor(sampling.model_timestep(sigma, solver) / 1000.0, dtype=torch.float64, device=x.device)
-            return model(x.to(dtype), t, text, mask, pag_blocks=pag_blocks, pag_from=pag_from).float()
+            # k/1000 in float64: the model multiplies by 1000 in float64 and recovers the integer timestep k.
+            return call(x.to(dtype), sampling.model_timestep(sigma, solver) / 1000.0).float()
 
         return velocity
 
     def _sample_scm(self, noise, text, mask, steps, guidance, generator, on_step) -> torch.Tensor:
         model, dtype = self.transformer, self.transformer.dtype
-        text = text.to(dtype)
+        ctx = model.encode_text(text, mask)
         # diffusers casts the guidance to the text dtype before the model scales it.
         g = torch.full((noise.shape[0],), guidance, dtype=torch.float32, device=noise.device).to(dtype)
+        call = self._model_fn(ctx, noise.to(dtype), g)
 
         def velocity(x: torch.Tensor, t_flow: float) -> torch.Tensor:
-            t = torch.tensor(t_flow, dtype=torch.float32, device=x.device)
-            return model(x.to(dtype), t, text, mask, guidance=g)
+            # diffusers feeds the flow time as float32: round it the same way before the model's float64 product
+            return call(x.to(dtype), float(torch.tensor(t_flow, dtype=torch.float32)))
 
         intermediate = sampling.SCM_INTERMEDIATE_T if steps == 2 else None
         timesteps = sampling.scm_timesteps(steps, intermediate=intermediate)

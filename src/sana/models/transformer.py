@@ -93,6 +93,14 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class TextContext:
+    """Per-block text keys/values (B, heads, L, d) and the additive mask bias (B, 1, 1, L) or None."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    bias: torch.Tensor | None
+
+
 class SanaBlock(nn.Module):
     """x += gate * LinearAttn(mod(LN(x))); x += CrossAttn(x, text); x += gate * MixFFN(mod(LN(x)))."""
 
@@ -175,11 +183,19 @@ class SanaTransformer(nn.Module):
         """Caption MLP + RMSNorm: (B, L, 2304) -> (B, L, C)."""
         return self.caption_norm(self.caption_proj(text))
 
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> TextContext:
+        """Everything the blocks need from the text, computed once: it does not change across sampling steps."""
+        y = self.embed_text(text.to(self.dtype))  # (B, L, C)
+        bias = None
+        if text_mask is not None:  # additive bias as the reference: (1 - m) * -10000 in the model dtype
+            bias = ((1 - text_mask.to(self.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        return TextContext(tuple(block.cross_attn.text_kv(y) for block in self.blocks), bias)
+
     def forward(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        text: torch.Tensor,
+        text: torch.Tensor | TextContext,
         text_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
         pag_blocks: Sequence[int] = (),
@@ -187,6 +203,8 @@ class SanaTransformer(nn.Module):
     ) -> torch.Tensor:
         """x (B, Cin, H, W) latent; t (B,) or scalar flow time; text (B, L, 2304); text_mask (B, L), 1 = real token.
 
+        `text` may instead be a TextContext from `encode_text` (then text_mask is not used): samplers call the
+        model many times with the same text.
         Returns the velocity (B, Cout, H, W) in x's layout. H and W must be multiples of the patch size.
         Perturbed-attention guidance: in blocks `pag_blocks`, batch rows `pag_from:` get identity attention.
         """
@@ -194,7 +212,8 @@ class SanaTransformer(nn.Module):
         B, _, H, W = x.shape
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
-        if text.shape[0] != B:
+        ctx = text if isinstance(text, TextContext) else None
+        if ctx is None and text.shape[0] != B:
             raise ValueError(f"text batch {text.shape[0]} does not match latent batch {B}")
         h, w = H // p, W // p
         dtype = self.dtype
@@ -206,14 +225,13 @@ class SanaTransformer(nn.Module):
         if guidance is not None:
             guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
         t6, t_emb = self.embed_time(t, guidance, dtype)
-        y = self.embed_text(text.to(dtype))  # (B, L, C)
-        bias = None
-        if text_mask is not None:  # additive bias as the reference: (1 - m) * -10000 in the model dtype
-            bias = ((1 - text_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        if ctx is None:  # computed here inside autograd when training
+            ctx = self.encode_text(text, text_mask)
         if pag_blocks and pag_from is None:
             raise ValueError("pag_blocks needs pag_from, the first batch row with perturbed attention")
+        bias = ctx.bias
         for i, block in enumerate(self.blocks):
-            text_kv = block.cross_attn.text_kv(y)
+            text_kv = ctx.kv[i]
             perturb = pag_from if i in pag_blocks else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, t6, text_kv, bias, h, w, perturb, use_reentrant=False)

@@ -68,7 +68,13 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, interpolation:
     """2-D sin-cos position embedding for an h x w token grid, (h*w, dim) fp32 (reference section 1.8)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    return _sincos_2d_cpu(dim, h, w, base_size, float(interpolation)).to(device)
+    return _sincos_2d_on(dim, h, w, base_size, float(interpolation), str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=32)
+def _sincos_2d_on(dim: int, h: int, w: int, base_size: int, interpolation: float, device: str) -> torch.Tensor:
+    # Cached per device: no host-to-device copy at each call (and none inside a captured CUDA graph).
+    return _sincos_2d_cpu(dim, h, w, base_size, interpolation).to(device)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
