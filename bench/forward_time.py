@@ -7,21 +7,13 @@ import sys
 import diffusers
 import torch
 
+from sana.bench import cuda_time_ms
 from sana.models import TRANSFORMER_PRESETS, SanaTransformer
 from sana.weights import transformer as tconv
 
 
 def timed(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return cuda_time_ms(fn, reps=reps)
 
 
 def bench_one(preset):
