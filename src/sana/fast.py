@@ -27,10 +27,14 @@ class GraphedTransformer:
         pag_blocks: Sequence[int] = (),
         pag_from: int | None = None,
         warmup: int = 2,
+        compile: bool = False,
     ):
         if x.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.pag_blocks, self.pag_from = model, tuple(pag_blocks), pag_from
+        # Optional torch.compile (inductor fuses the element-wise work between the matmuls); its kernels are then
+        # captured like the eager ones. Rounding may differ from eager within bf16 precision.
+        self.fn = torch.compile(model, dynamic=False) if compile else model
         self.x = x.detach().clone()
         self.t = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         self.ctx = TextContext(
