@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -139,3 +140,21 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "generate" in r.stdout and "convert" in r.stdout
     r = sana_cli("generate", "--help")
     assert "--prompts-file" in r.stdout and "--no-progress" in r.stdout
+
+
+def test_train_cli_tiny_and_bad_config(tmp_path):
+    r = sana_cli(
+        "train",
+        "configs/train/tiny.toml",
+        "--set",
+        "schedule.max_steps=3",
+        "--set",
+        f"output_dir='{tmp_path / 'run'}'",
+        cwd=Path(__file__).parents[1],
+    )
+    assert r.returncode == 0, r.stderr
+    assert "trained to step 3" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlrr = 1.0\n")
+    r = sana_cli("train", bad)
+    assert r.returncode == 2 and "lrr" in r.stderr and "Traceback" not in r.stderr

@@ -141,6 +141,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sana.train import load_config, train
+
+    cfg = load_config(args.config, args.set or [])
+    summary = train(cfg)
+    print(
+        f"trained to step {summary['step']} (last loss {summary['last_loss']:.4f}); checkpoint {summary['checkpoint']}"
+        + (f"; exported {summary['export']}" if summary.get("export") else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from sana.train import load_config
+    from sana.train.cache import build_cache_from_config
+
+    cfg = load_config(args.config, args.set or [])
+    info = build_cache_from_config(
+        cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    print(f"cache in {args.out}: {info}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sana import bench
 
@@ -222,6 +247,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", action="store_true", help="plain eager PyTorch (no CUDA graphs): to compare with the fast path"
     )
     g.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser(
+        "train",
+        help="train or fine-tune a Sana transformer from a TOML config",
+        description="Flow-matching training from a TOML config (see configs/train/). Resumes from the last checkpoint "
+        "in output_dir; SIGTERM saves before exit. Multi-GPU launch through torchrun is not available yet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    tr.add_argument("config", help="TOML config file, e.g. configs/train/tiny.toml")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=1e-4 --set schedule.max_steps=100",
+    )
+    tr.set_defaults(func=_cmd_train)
+
+    ca = sub.add_parser(
+        "cache",
+        help="precompute DC-AE latents and text embeddings of an image folder for training",
+        description="Encode the images and captions of data.path once (sharded safetensors, resumable); train from it "
+        "with --set data.source=cache --set data.path=OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ca.add_argument("config", help="TOML training config naming the data folder and the encoders")
+    ca.add_argument("out", help="output folder of the cache")
+    ca.add_argument("--shard-size", type=int, default=1000, help="samples per shard file")
+    ca.add_argument("--batch-size", type=int, default=8, help="encoding batch size")
+    ca.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ca.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    ca.set_defaults(func=_cmd_cache)
 
     b = sub.add_parser(
         "bench",

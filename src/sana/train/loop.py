@@ -1,0 +1,448 @@
+"""The training loop: `train(config) -> summary`, one function that reads top to bottom.
+
+    1. output folder, device, seeds          5. resume from a checkpoint
+    2. models                                6. logging and the progress bar
+    3. data                                  7. the loop: lr, micro-batches, update, EMA, log, validate, save
+    4. optimizer, EMA, the loss's generator  8. final checkpoint, export, summary
+
+All randomness is explicit and saved in checkpoints: the data order and caption choices are functions of
+(seed, epoch, batch), the loss draws sigma, noise and caption dropout from one generator on the training device.
+So a run that is stopped and resumed from a checkpoint computes exactly the losses of an uninterrupted run (on
+the CPU; on CUDA up to the non-determinism of its kernels). SIGTERM saves a checkpoint at the next update and
+returns. Single process; distributed training (torchrun: DDP/FSDP2) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sana.dataclass_io import to_dict
+from sana.errors import CheckpointError, ConfigError, SanaError
+from sana.train.cache import CachedDataset, encode_captions, encode_images
+from sana.train.checkpoint import (
+    StopRequest,
+    TrainingState,
+    capture_rng,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from sana.train.config import DataSource, ExportLayout, LogBackend, MixedPrecision, TrainConfig
+from sana.train.data import BucketBatchSampler, ImageFolderDataset, SyntheticDataset, iterate_batches
+from sana.train.loss import flow_matching_loss
+from sana.train.model import (
+    build_transformer,
+    chi_lines,
+    load_autoencoder_for,
+    load_text_encoder_for,
+    merged_copy,
+    resolve_device,
+    save_lora,
+)
+from sana.train.optim import EMA, build_optimizer, lr_at
+from sana.weights.io import write_json
+from sana.weights.load import save_model
+
+log = logging.getLogger("sana.train")
+
+StepCallback = Callable[[int, float], None]
+
+
+class TrainingError(SanaError):
+    """Training cannot go on (e.g. the loss stayed non-finite): the message says why."""
+
+
+def train(cfg: TrainConfig, on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns a summary (steps, losses of this run, checkpoint, export, counters).
+
+    on_step(step, loss) is called after every optimizer update (after its checkpoint, if one was due).
+    """
+    # ---- 1. Output folder, device, seeds ------------------------------------------------------------------
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.mixed_precision is MixedPrecision.BF16 and device.type == "cuda"
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # DC-AE and Gemma (never trained)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # ---- 2. Models: the transformer (fp32 master weights) and, when needed, the frozen encoders -----------
+    model = build_transformer(cfg.model, torch.Generator().manual_seed(cfg.seed)).to(device)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    need_encoders = cfg.data.source is DataSource.FOLDER or cfg.logging.validation_every > 0
+    autoencoder = load_autoencoder_for(cfg.model, device, frozen_dtype) if need_encoders else None
+    text_encoder = load_text_encoder_for(cfg.model, device, frozen_dtype) if need_encoders else None
+
+    # ---- 3. Data: a dataset indexed by (index, sample_seed), batches from one aspect-ratio bucket each -----
+    if cfg.data.source is DataSource.FOLDER:
+        dataset = ImageFolderDataset(
+            cfg.data.path,
+            cfg.data.resolution,
+            autoencoder.config.spatial_compression,
+            cfg.data.clip_threshold,
+            cfg.data.clip_temperature,
+        )
+        null_text, _ = text_encoder.null_embedding()
+        if dataset.report.skipped:
+            log.warning(
+                "skipped %d image(s) of %s: %s", dataset.report.skipped, cfg.data.path, dataset.report.describe()
+            )
+    elif cfg.data.source is DataSource.CACHE:
+        dataset = CachedDataset(cfg.data.path, cfg.data.clip_threshold, cfg.data.clip_temperature)
+        _check_cache(dataset.settings, model.config, cfg)
+        null_text, _ = dataset.null_embedding()
+    else:
+        dataset = SyntheticDataset(
+            cfg.data.synthetic_samples,
+            model.config.in_channels,
+            cfg.data.resolution // 32,
+            cfg.data.synthetic_text_length,
+            model.config.caption_channels,
+            seed=cfg.seed,
+        )
+        null_text, _ = dataset.null_embedding()
+    null_text = null_text.to(device)
+    sampler = BucketBatchSampler(dataset.buckets, cfg.data.batch_size, cfg.seed, cfg.data.drop_last)
+
+    # ---- 4. Optimizer, EMA, and the generator of the loss's sigma / noise / caption dropout ---------------
+    optimizer = build_optimizer(trainable.values(), cfg.optim)
+    ema = EMA(trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    loss_generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    # ---- 5. Resume: weights, optimizer, EMA, RNG states and the data position -----------------------------
+    ckpt_root = out / "checkpoints"
+    step, epoch, position = 0, 0, 0
+    counters = {"images_seen": 0, "images_skipped": 0, "nan_updates": 0}
+    resume_from = _resume_path(cfg.checkpoint.resume, ckpt_root)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _load_trained_state(model, trainable, state.model, resume_from)
+        optimizer.load_state_dict(state.optimizer)
+        if ema is not None:
+            if state.ema is None:
+                raise CheckpointError(f"{resume_from} has no EMA but optim.ema_decay > 0")
+            ema.load_state_dict(state.ema)
+        restore_rng(state.rng, {"loss": loss_generator})
+        step, epoch, position = state.step, state.info["epoch"], state.info["position"]
+        counters.update(state.info["counters"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    start_step, last_saved = step, (step if resume_from is not None else None)
+
+    # ---- 6. Logging (TensorBoard or JSONL) and the progress bar -------------------------------------------
+    logger = MetricLogger(out, cfg.logging.backend)
+    bar = _progress_bar(cfg.schedule.max_steps, step, cfg.logging.progress)
+    losses: list[float] = []
+    window = {"time": time.perf_counter(), "steps": 0, "images": 0, "loss": 0.0}
+    samples_written: list[str] = []
+
+    # ---- 7. The loop ---------------------------------------------------------------------------------------
+    batches = iterate_batches(dataset, sampler, epoch, position, cfg.data.num_workers)
+    stop = StopRequest()
+    try:
+        with stop:
+            while step < cfg.schedule.max_steps and not stop.requested:
+                # 7a. Learning rate of this update (a pure function of the step).
+                lr = lr_at(step, cfg.optim.lr, cfg.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # 7b. grad_accum micro-batches; batches whose images all failed to load are skipped.
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                step_loss, images = 0.0, 0
+                for _ in range(cfg.optim.grad_accum):
+                    while True:
+                        epoch, position, batch = next(batches)
+                        counters["images_skipped"] += batch["skipped"]
+                        for error in batch["errors"]:
+                            log.warning("skipped an image that failed to load: %s", error)
+                        if "index" in batch:
+                            break
+                    if "image" in batch:  # raw images: encode on the fly with the frozen models
+                        x0 = encode_images(autoencoder, batch["image"]).to(device)
+                        text, mask = encode_captions(text_encoder, batch["caption"], cfg.model.chi)
+                    else:  # cached or synthetic features
+                        x0, text, mask = batch["latent"].to(device), batch["text"].to(device), batch["mask"]
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = flow_matching_loss(
+                            model,
+                            x0,
+                            text,
+                            mask.to(device),
+                            null_text,
+                            generator=loss_generator,
+                            flow_shift=cfg.loss.flow_shift,
+                            logit_mean=cfg.loss.logit_mean,
+                            logit_std=cfg.loss.logit_std,
+                            caption_dropout=cfg.loss.caption_dropout,
+                        )
+                    (loss / cfg.optim.grad_accum).backward()
+                    step_loss += loss.item() / cfg.optim.grad_accum
+                    images += x0.shape[0]
+
+                # 7c. Update: skip non-finite losses, clip the gradient norm, step, then the EMA.
+                if not math.isfinite(step_loss):
+                    counters["nan_updates"] += 1
+                    log.warning("non-finite loss at step %d: update skipped", step)
+                    if counters["nan_updates"] > cfg.optim.max_nan_updates:
+                        raise TrainingError(f"{counters['nan_updates']} updates skipped for a non-finite loss")
+                    continue
+                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf  # inf: measure only
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_norm))
+                optimizer.step()
+                if ema is not None:
+                    ema.update(trainable)
+                step += 1
+                counters["images_seen"] += images
+                losses.append(step_loss)
+
+                # 7d. Metrics: the progress bar every update, the log every `logging.every_steps`.
+                window["steps"] += 1
+                window["images"] += images
+                window["loss"] += step_loss
+                elapsed = max(time.perf_counter() - window["time"], 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{window['images'] / elapsed:.1f}", refresh=False)
+                if step % cfg.logging.every_steps == 0 or step == cfg.schedule.max_steps:
+                    metrics = {
+                        "loss": window["loss"] / window["steps"],
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "steps_per_s": window["steps"] / elapsed,
+                        "images_per_s": window["images"] / elapsed,
+                        "epoch": epoch,
+                        "images_skipped": counters["images_skipped"],
+                    }
+                    if device.type == "cuda":
+                        metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    logger.log(step, metrics)
+                    window = {"time": time.perf_counter(), "steps": 0, "images": 0, "loss": 0.0}
+
+                # 7e. Validation images on fixed prompts and seeds.
+                if cfg.logging.validation_every and step % cfg.logging.validation_every == 0:
+                    samples_written += _validate(model, autoencoder, text_encoder, ema, trainable, cfg, step, use_bf16)
+
+                # 7f. Checkpoint: periodically, and when SIGTERM asked for one.
+                periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                if periodic or stop.requested:
+                    info = {"epoch": epoch, "position": position, "counters": counters}
+                    state = TrainingState(
+                        step=step,
+                        model=_trained_state(model, trainable),
+                        optimizer=optimizer.state_dict(),
+                        rng=capture_rng({"loss": loss_generator}),
+                        ema=ema.state_dict() if ema is not None else None,
+                        info=info,
+                    )
+                    save_checkpoint(ckpt_root, state, cfg.checkpoint.keep_last)
+                    last_saved = step
+                if on_step is not None:
+                    on_step(step, step_loss)
+    finally:
+        batches.close()
+        bar.close()
+        logger.close()
+
+    # ---- 8. Final checkpoint, export of the trained transformer, summary ----------------------------------
+    checkpoint = None
+    if last_saved != step:
+        info = {"epoch": epoch, "position": position, "counters": counters}
+        state = TrainingState(
+            step=step,
+            model=_trained_state(model, trainable),
+            optimizer=optimizer.state_dict(),
+            rng=capture_rng({"loss": loss_generator}),
+            ema=ema.state_dict() if ema is not None else None,
+            info=info,
+        )
+        save_checkpoint(ckpt_root, state, cfg.checkpoint.keep_last)
+    if step > 0:
+        checkpoint = str(ckpt_root / checkpoint_name(step))
+    export = None
+    if cfg.checkpoint.export and step >= cfg.schedule.max_steps and not stop.requested:
+        export = str(_export(model, ema, trainable, cfg, out / "final"))
+    return {
+        "output_dir": str(out),
+        "start_step": start_step,
+        "step": step,
+        "losses": losses,
+        "last_loss": losses[-1] if losses else None,
+        "checkpoint": checkpoint,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "export": export,
+        "stopped_by_signal": stop.requested,
+        "samples": samples_written,
+        "log": str(logger.path),
+        "elapsed_s": time.perf_counter() - t_start,
+        **counters,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of the loop (no state of their own beyond what is passed in)
+
+
+def _resume_path(resume: str, root: Path) -> Path | None:
+    """checkpoint.resume: "auto" -> the newest checkpoint under root (or None); "" -> None; else that folder."""
+    if resume == "auto":
+        return latest_checkpoint(root)
+    if not resume:
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: no checkpoint folder {path}")
+    return path
+
+
+def _trained_state(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trained parameters and the model's buffers (the frozen rest comes from init_from / the seed)."""
+    sd = {name: p.detach() for name, p in trainable.items()}
+    sd.update({name: b.detach() for name, b in model.named_buffers()})
+    return sd
+
+
+def _load_trained_state(model: nn.Module, trainable: dict[str, nn.Parameter], sd: dict, source: Path) -> None:
+    expected = _trained_state(model, trainable)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the checkpoint does not fit the configured model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (was it written with another [model] config?)"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            if sd[name].shape != target.shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(sd[name].shape)}, expected {target.shape}")
+            target.copy_(sd[name])
+
+
+def _check_cache(settings: dict, arch, cfg: TrainConfig) -> None:
+    """A cache must hold features that fit the model and the config."""
+    problems = []
+    if settings["latent_channels"] != arch.in_channels:
+        problems.append(f"{settings['latent_channels']} latent channels, the model takes {arch.in_channels}")
+    if settings["text_dim"] != arch.caption_channels:
+        problems.append(f"text width {settings['text_dim']}, the model takes {arch.caption_channels}")
+    if settings["chi"] != cfg.model.chi:
+        problems.append(f"built with chi={settings['chi']}, but model.chi={cfg.model.chi}")
+    if settings["resolution"] != cfg.data.resolution:
+        problems.append(f"built at resolution {settings['resolution']}, but data.resolution={cfg.data.resolution}")
+    if problems:
+        raise ConfigError(f"cache {cfg.data.path}: " + "; ".join(problems))
+
+
+def _validate(model, autoencoder, text_encoder, ema, trainable, cfg: TrainConfig, step: int, use_bf16: bool):
+    """Render the validation prompts (seed validation_seed + i) to OUTPUT_DIR/samples/step-N/NNN.png."""
+    from sana.pipeline import Pipeline
+
+    pipe = Pipeline(
+        model,
+        autoencoder,
+        text_encoder,
+        flow_shift=cfg.loss.flow_shift,
+        steps=cfg.logging.validation_steps,
+        guidance=cfg.logging.validation_guidance,
+        progress=False,
+    )
+    folder = Path(cfg.output_dir) / "samples" / checkpoint_name(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    use_ema = ema is not None and cfg.logging.validation_use_ema
+    size = cfg.data.resolution
+    written = []
+    model.eval()
+    if use_ema:
+        ema.swap(trainable)
+    try:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            for i, prompt in enumerate(cfg.logging.validation_prompts):
+                (image,) = pipe(
+                    prompt,
+                    height=size,
+                    width=size,
+                    seed=cfg.logging.validation_seed + i,
+                    chi=chi_lines(cfg.model.chi),
+                    use_resolution_binning=False,
+                )
+                path = folder / f"{i:03d}.png"
+                image.save(path)
+                written.append(str(path))
+    finally:
+        if use_ema:
+            ema.swap(trainable)
+        model.train()
+    return written
+
+
+def _export(model, ema, trainable, cfg: TrainConfig, folder: Path) -> Path:
+    """The trained transformer (EMA weights when kept, LoRA merged) in the configured layout, plus the LoRA."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if ema is not None:
+        ema.swap(trainable)
+    try:
+        if cfg.model.lora_rank:
+            save_lora(
+                model, folder / "lora.safetensors", cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank
+            )
+        plain = merged_copy(model)
+        if cfg.checkpoint.export_layout is ExportLayout.DIFFUSERS:
+            return save_model(plain, folder / "transformer", layout="diffusers")
+        return save_model(plain, folder / "transformer.safetensors", layout="native")
+    finally:
+        if ema is not None:
+            ema.swap(trainable)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+class MetricLogger:
+    """Scalars to TensorBoard (OUTPUT_DIR/tensorboard) or, without it, to OUTPUT_DIR/log.jsonl (appended)."""
+
+    def __init__(self, out: Path, backend: LogBackend):
+        self.writer = None
+        if backend is not LogBackend.JSONL:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                if backend is LogBackend.TENSORBOARD:
+                    raise ConfigError(
+                        "logging.backend = 'tensorboard' needs the tensorboard package (pip install tensorboard)"
+                    ) from e
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.path = out / "tensorboard" if self.writer is not None else out / "log.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8") if self.writer is None else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        else:
+            import json
+
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
