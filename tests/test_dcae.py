@@ -225,9 +225,9 @@ def test_attention_switches_to_quadratic_form_at_head_dim(ours, monkeypatch):
     for name in ("relu_linear_attention", "quadratic_relu_attention"):
         real = getattr(dcae_module, name)
 
-        def spy(q, k, v, eps, real=real, name=name):
+        def spy(q, k, v, eps, real=real, name=name, **kwargs):
             calls.append((name, q.shape[1]))  # (name, N)
-            return real(q, k, v, eps)
+            return real(q, k, v, eps, **kwargs)
 
         monkeypatch.setattr(dcae_module, name, spy)
     with torch.no_grad():

@@ -263,3 +263,16 @@ def test_flop_count_matches_reference_anchors():
     assert transformer_flops(TRANSFORMER_PRESETS["sana-1600m-1024"], 2, 32, 32) / 1e12 == pytest.approx(5.93, abs=0.01)
     assert transformer_flops(TRANSFORMER_PRESETS["sana-600m-1024"], 2, 128, 128) / 1e12 == pytest.approx(34.5, abs=0.2)
     assert transformer_flops(TRANSFORMER_PRESETS["sana-1600m-4k"], 2, 128, 128) / 1e12 == pytest.approx(91.1, abs=0.3)
+
+
+def test_chunked_linear_attention_equals_whole():
+    from sana.nn.functional import relu_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 100, 3, 8, generator=g).relu() for _ in range(3))
+    whole = relu_linear_attention(q, k, v)
+    for chunk in (7, 33, 99):
+        assert_close_rel(relu_linear_attention(q, k, v, chunk=chunk), whole, rel=1e-6)
+    low = relu_linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), out_dtype=torch.bfloat16, chunk=16)
+    assert low.dtype == torch.bfloat16
+    assert_close_rel(low.float(), whole, rel=2e-2)

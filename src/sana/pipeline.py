@@ -22,6 +22,7 @@ from sana.errors import ConfigError, SanaError
 from sana.fast import GraphedTransformer
 from sana.models.dcae import DCAE
 from sana.models.text_encoder import DEFAULT_CHI, TextEncoder
+from sana.models.tiled_decode import decode_auto
 from sana.models.transformer import SanaTransformer
 from sana.weights.load import load_autoencoder, load_transformer
 
@@ -377,7 +378,8 @@ class Pipeline:
         """Latents -> images in [-1, 1] at (height, width): decode latent / scaling_factor, resize-and-crop."""
         ae = self.autoencoder
         with torch.no_grad():
-            images = ae.decode(latents.to(device=ae.device, dtype=ae.dtype) / ae.scaling_factor)
+            # Untiled when it fits in free memory, else the exact tiled decode (no seams; same result).
+            images = decode_auto(ae, latents.to(device=ae.device, dtype=ae.dtype) / ae.scaling_factor)
         if resize and images.shape[-2:] != (height, width):
             images = resolution.resize_and_crop(images, height, width)
         return images

@@ -214,7 +214,7 @@ class LiteMLA(nn.Module):
         q, k, v = qkv.reshape(B, -1, 3, d, N).permute(0, 4, 1, 2, 3).unbind(3)  # (B, N, n h, d) each
         q, k = F.relu(q), F.relu(k)
         if N > d:
-            out = relu_linear_attention(q, k, v, self.eps)  # (B, N, n h, d) fp32
+            out = relu_linear_attention(q, k, v, self.eps, out_dtype=x.dtype)  # (B, N, n h, d), fp32 inside
         else:  # tiny inputs: the reference switches to the explicit N x N form at N <= d
             out = quadratic_relu_attention(q, k, v, self.eps)
         out = self.proj(out.to(x.dtype).flatten(2))  # (B, N, n C) -> (B, N, C)

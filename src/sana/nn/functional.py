@@ -25,19 +25,43 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15):
+def relu_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-15,
+    out_dtype: torch.dtype = torch.float32,
+    chunk: int = 16384,
+) -> torch.Tensor:
     """Sana's ReLU linear attention (paper Eq. 1), per head, accumulated in fp32.
 
-    q, k, v: (B, N, h, d) in any dtype. Returns (B, N, h, d) in float32:
-        O_i = sum_j v_j (k_j . q_i) / (sum_j k_j . q_i + eps),  with q, k already ReLU'd by the caller or not.
-    Equal to the reference's pad-V-with-a-row-of-ones formulation: the extra row is sum_j k_j.
+    q, k, v: (B, N, h, d) in any dtype (q and k already ReLU'd by the caller). Returns (B, N, h, d) in out_dtype:
+        O_i = sum_j v_j (k_j . q_i) / (sum_j k_j . q_i + eps).
+    Equal to the reference's pad-V-with-a-row-of-ones formulation: the extra row is sum_j k_j. Sequences longer
+    than `chunk` tokens are processed in chunks (sums accumulated in fp32), so no fp32 copy of q, k, v or the
+    output is ever whole: the DC-AE's 512^2-token attention at 4096px needs it.
     """
-    q, k, v = q.float(), k.float(), v.float()
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)  # (B, h, d, d)
-    k_sum = k.sum(dim=1)  # (B, h, d)
-    num = torch.einsum("bnhd,bhde->bnhe", q, kv)  # (B, N, h, d)
-    den = torch.einsum("bnhd,bhd->bnh", q, k_sum)  # (B, N, h)
-    return num / (den[..., None] + eps)
+    B, N, h, d = q.shape
+    if N <= chunk:
+        q, k, v = q.float(), k.float(), v.float()
+        kv = torch.einsum("bnhd,bnhe->bhde", k, v)  # (B, h, d, d)
+        k_sum = k.sum(dim=1)  # (B, h, d)
+        num = torch.einsum("bnhd,bhde->bnhe", q, kv)  # (B, N, h, d)
+        den = torch.einsum("bnhd,bhd->bnh", q, k_sum)  # (B, N, h)
+        return (num / (den[..., None] + eps)).to(out_dtype)
+    kv = torch.zeros(B, h, d, v.shape[-1], dtype=torch.float32, device=q.device)
+    k_sum = torch.zeros(B, h, d, dtype=torch.float32, device=q.device)
+    for s in range(0, N, chunk):
+        kc, vc = k[:, s : s + chunk].float(), v[:, s : s + chunk].float()
+        kv += torch.einsum("bnhd,bnhe->bhde", kc, vc)
+        k_sum += kc.sum(dim=1)
+    out = torch.empty(B, N, h, v.shape[-1], dtype=out_dtype, device=q.device)
+    for s in range(0, N, chunk):
+        qc = q[:, s : s + chunk].float()
+        num = torch.einsum("bnhd,bhde->bnhe", qc, kv)
+        den = torch.einsum("bnhd,bhd->bnh", qc, k_sum)
+        out[:, s : s + chunk] = (num / (den[..., None] + eps)).to(out_dtype)
+    return out
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
