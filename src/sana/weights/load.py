@@ -8,7 +8,6 @@ NVlabs checkpoint (.pth with or without its "state_dict" wrapper, or .safetensor
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +17,10 @@ from torch import nn
 
 from sana import dataclass_io
 from sana.errors import CheckpointError
+from sana.models.dcae import DCAE, DCAE_PRESETS, DCAEConfig
+from sana.models.transformer import TRANSFORMER_PRESETS, SanaTransformer, TransformerConfig
+from sana.weights import dcae as aconv
+from sana.weights import transformer as tconv
 from sana.weights.io import (
     StateDict,
     atomic_write,
@@ -37,50 +40,29 @@ class ModelKind:
     """What differs between loading a transformer and an autoencoder."""
 
     name: str  # "transformer" | "autoencoder": stored in native metadata
-    model_module: str
-    model_class: str
-    config_class: str
-    presets: str
-    converters: str  # module with detect_layout, config_from_diffusers, to_native, ...
+    model_cls: type[nn.Module]
+    config_cls: type
+    presets: dict[str, Any]
+    converters: ModuleType  # detect_layout, config_from_diffusers, config_to_diffusers, to_native, from_native, ...
     diffusers_class: str
     pipeline_subfolder: str
 
-    def model_cls(self) -> type[nn.Module]:
-        return getattr(importlib.import_module(self.model_module), self.model_class)
-
-    def config_cls(self) -> type:
-        return getattr(importlib.import_module(self.model_module), self.config_class)
-
     def preset(self, name: str):
-        presets = getattr(importlib.import_module(self.model_module), self.presets)
-        if name not in presets:
-            raise CheckpointError(f"unknown {self.name} preset {name!r}; known: {', '.join(sorted(presets))}")
-        return presets[name]
-
-    def conv(self) -> ModuleType:
-        return importlib.import_module(self.converters)
+        if name not in self.presets:
+            raise CheckpointError(f"unknown {self.name} preset {name!r}; known: {', '.join(sorted(self.presets))}")
+        return self.presets[name]
 
 
 TRANSFORMER = ModelKind(
     "transformer",
-    "sana.models.transformer",
-    "SanaTransformer",
-    "TransformerConfig",
-    "TRANSFORMER_PRESETS",
-    "sana.weights.transformer",
+    SanaTransformer,
+    TransformerConfig,
+    TRANSFORMER_PRESETS,
+    tconv,
     "SanaTransformer2DModel",
     "transformer",
 )
-AUTOENCODER = ModelKind(
-    "autoencoder",
-    "sana.models.dcae",
-    "DCAE",
-    "DCAEConfig",
-    "DCAE_PRESETS",
-    "sana.weights.dcae",
-    "AutoencoderDC",
-    "vae",
-)
+AUTOENCODER = ModelKind("autoencoder", DCAE, DCAEConfig, DCAE_PRESETS, aconv, "AutoencoderDC", "vae")
 KINDS = (TRANSFORMER, AUTOENCODER)
 
 
@@ -101,7 +83,7 @@ def read_checkpoint(src: str | Path, kind: ModelKind, config: Any = None) -> Che
         raise CheckpointError(f"{src}: no such file or folder")
     if isinstance(config, str):
         config = kind.preset(config)
-    conv = kind.conv()
+    conv = kind.converters
     diffusers_cfg = None
     if path.is_dir():
         if (path / "model_index.json").exists() and (path / kind.pipeline_subfolder).is_dir():
@@ -117,14 +99,14 @@ def read_checkpoint(src: str | Path, kind: ModelKind, config: Any = None) -> Che
     if "sana_model" in metadata:  # native
         if metadata["sana_model"] != kind.name:
             raise CheckpointError(f"{source} holds a {metadata['sana_model']}, not a {kind.name}")
-        cfg = config or dataclass_io.from_json(kind.config_cls(), metadata.get("sana_config", "{}"), source)
+        cfg = config or dataclass_io.from_json(kind.config_cls, metadata.get("sana_config", "{}"), source)
         return Checkpoint(sd, "native", cfg, source)
 
     if hasattr(conv, "strip_prefixes"):
         sd = conv.strip_prefixes(sd)
     layout = conv.detect_layout(sd)
     if layout is None:
-        others = [k.name for k in KINDS if k is not kind and k.conv().detect_layout(sd) is not None]
+        others = [k.name for k in KINDS if k is not kind and k.converters.detect_layout(sd) is not None]
         hint = f"; it looks like a {others[0]} checkpoint" if others else ""
         sample = ", ".join(sorted(sd)[:3])
         raise CheckpointError(f"{source}: unknown checkpoint layout for a {kind.name} (keys: {sample}, ...){hint}")
@@ -143,7 +125,7 @@ def read_checkpoint(src: str | Path, kind: ModelKind, config: Any = None) -> Che
 
 def _native_state_dict(ckpt: Checkpoint, kind: ModelKind) -> StateDict:
     try:
-        return kind.conv().to_native(ckpt.sd, ckpt.layout, ckpt.config)
+        return kind.converters.to_native(ckpt.sd, ckpt.layout, ckpt.config)
     except CheckpointError as e:
         raise CheckpointError(f"{ckpt.source}: {e}") from e
 
@@ -157,7 +139,7 @@ def load_model(
 ) -> nn.Module:
     ckpt = read_checkpoint(src, kind, config)
     sd = _native_state_dict(ckpt, kind)
-    cls = kind.model_cls()
+    cls = kind.model_cls
     return build_and_load(lambda: cls(ckpt.config), sd, ckpt.source, device, dtype)
 
 
@@ -173,7 +155,7 @@ def load_autoencoder(src, config=None, device=None, dtype=None):
 
 def kind_of(model: nn.Module) -> ModelKind:
     for kind in KINDS:
-        if type(model).__name__ == kind.model_class:
+        if isinstance(model, kind.model_cls):
             return kind
     raise TypeError(f"cannot save a {type(model).__name__}")
 
@@ -182,7 +164,7 @@ def write_checkpoint(sd: StateDict, config: Any, kind: ModelKind, dst: str | Pat
     """Write a native state dict as `layout`: native -> one .safetensors; diffusers -> a folder;
     original -> .safetensors, or .pth with the NVlabs {"state_dict": ...} wrapper."""
     dst = Path(dst)
-    conv = kind.conv()
+    conv = kind.converters
     if layout == "native":
         if dst.suffix != ".safetensors":
             raise CheckpointError(f"{dst}: a native checkpoint is one .safetensors file")
@@ -221,7 +203,7 @@ def save_model(model: nn.Module, dst: str | Path, layout: str = "native") -> Pat
 def detect_kind(src: str | Path, config: Any = None) -> ModelKind:
     """Whether `src` (or the given config) is a transformer or an autoencoder."""
     for kind in KINDS:
-        if config is not None and type(config).__name__ == kind.config_class:
+        if config is not None and isinstance(config, kind.config_cls):
             return kind
     path = Path(src)
     if not path.exists():
@@ -240,7 +222,7 @@ def detect_kind(src: str | Path, config: Any = None) -> ModelKind:
     for kind in KINDS:
         if metadata.get("sana_model") == kind.name:
             return kind
-        conv = kind.conv()
+        conv = kind.converters
         if conv.detect_layout(conv.strip_prefixes(sd) if hasattr(conv, "strip_prefixes") else sd):
             return kind
     raise CheckpointError(f"{path}: neither a Sana transformer nor a DC-AE checkpoint (keys: {sorted(sd)[:3]})")
@@ -251,7 +233,7 @@ def convert(src: str | Path, dst: str | Path, to: str, kind: ModelKind | None = 
     kind = kind or detect_kind(src, config)
     ckpt = read_checkpoint(src, kind, config)
     sd = _native_state_dict(ckpt, kind)
-    cls = kind.model_cls()
+    cls = kind.model_cls
     with torch.device("meta"):
         check_keys(cls(ckpt.config), sd, ckpt.source)
     return write_checkpoint(sd, ckpt.config, kind, dst, to)
