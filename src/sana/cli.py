@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default="bench.json", help="where to write the results")
     b.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (slow to compile)")
     b.set_defaults(func=_cmd_bench)
+
+    from sana.serve.cli import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 

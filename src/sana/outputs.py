@@ -15,6 +15,7 @@ image viewers display; `sana` holds JSON of every generation parameter plus `sof
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -99,6 +100,22 @@ def a1111_parameters(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def png_info(params: dict[str, Any]) -> PngInfo:
+    """The PNG text chunks for `params`: `parameters` (A1111 text) and `sana` (JSON of every field + software)."""
+    meta = {**params, "software": _software()}
+    info = PngInfo()
+    _add_text(info, "parameters", a1111_parameters(meta))
+    _add_text(info, "sana", json.dumps(meta, ensure_ascii=False, default=_jsonable))
+    return info
+
+
+def png_bytes(image: Image.Image, params: dict[str, Any]) -> bytes:
+    """The PNG `save_png` writes, in memory (for the HTTP server)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(params))
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | Path, params: dict[str, Any]) -> Path:
     """Write `image` as a PNG with `parameters` (A1111 text) and `sana` (JSON) chunks, atomically; returns the path.
 
@@ -108,10 +125,7 @@ def save_png(image: Image.Image, path: str | Path, params: dict[str, Any]) -> Pa
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise OutputError(f"{path}: the output must be a .png file, not {path.suffix or 'a name without suffix'!r}")
-    meta = {**params, "software": _software()}
-    info = PngInfo()
-    _add_text(info, "parameters", a1111_parameters(meta))
-    _add_text(info, "sana", json.dumps(meta, ensure_ascii=False, default=_jsonable))
+    info = png_info(params)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with mode 0o666 keeps the user's umask (mkstemp would make the image readable by its owner only).
