@@ -2,8 +2,9 @@
 
 A config file has top-level keys (`output_dir`, `seed`, `device`, `mixed_precision`) and one table per section:
 `[model]` (what is trained), `[data]`, `[loss]` (flow-matching timesteps, caption dropout), `[optim]`,
-`[schedule]` (steps and learning rate), `[checkpoint]` and `[logging]`. Unknown keys anywhere are errors that name
-the key. Relative paths are relative to the working directory, not to the config file.
+`[schedule]` (steps and learning rate), `[checkpoint]`, `[logging]` and `[distributed]` (DDP / FSDP2 under
+torchrun). Unknown keys anywhere are errors that name the key. Relative paths are relative to the working directory,
+not to the config file.
 
 Example (see `configs/train/` for complete ones):
 
@@ -56,6 +57,18 @@ class LRSchedule(enum.Enum):
 class MixedPrecision(enum.Enum):
     BF16 = "bf16"  # bf16 autocast on CUDA (weights, gradients and optimizer state stay fp32); ignored on the CPU
     NO = "no"  # fp32 everywhere
+
+
+class Strategy(enum.Enum):
+    AUTO = "auto"  # "ddp" when torchrun started more than one process, else "none"
+    NONE = "none"  # one process, no process group
+    DDP = "ddp"  # every process holds the whole model; gradients are averaged (all-reduce) after the backward
+    FSDP2 = "fsdp2"  # weights, gradients and optimizer state sharded across the processes (torch fully_shard)
+
+
+class DType(enum.Enum):
+    BF16 = "bf16"
+    FP32 = "fp32"
 
 
 class LogBackend(enum.Enum):
@@ -137,7 +150,8 @@ class DataConfig:
     # Base resolution of the aspect-ratio buckets: 512/1024/2048/4096 use Sana's tables, other sizes the 1024
     # table scaled. Synthetic latents are (resolution / 32) a side.
     resolution: int = 1024
-    # Images per micro-batch (per process). Every batch comes from one aspect-ratio bucket.
+    # Images per micro-batch and process. Every batch comes from one aspect-ratio bucket. The global batch of an
+    # optimizer update is batch_size x number of processes x optim.grad_accum.
     batch_size: int = 1
     # Drop each bucket's last incomplete batch of an epoch (fixed batch shapes) instead of training on it.
     drop_last: bool = False
@@ -200,7 +214,7 @@ class OptimConfig:
     clip_threshold: float = 1.0
     # Clip the global gradient norm to this before the update (0 turns it off). Released configs: 0.1.
     grad_clip: float = 0.1
-    # Micro-batches per optimizer update.
+    # Micro-batches per optimizer update (per process: global batch = data.batch_size x processes x grad_accum).
     grad_accum: int = 1
     # EMA decay of the trained weights (0 keeps no EMA).
     ema_decay: float = 0.9999
@@ -300,6 +314,36 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data parallelism over the processes that torchrun starts, one per GPU:
+
+        torchrun --nproc-per-node 8 -m sana train configs/train/sana-600m-1024.toml
+
+    Every process trains on its own share of the batches, so an optimizer update sees the global batch
+    data.batch_size x processes x optim.grad_accum. N processes with grad_accum A make the same updates (the same
+    batches, the same noise; equal up to float rounding) as one process with grad_accum N x A.
+    """
+
+    # "auto" (ddp when launched with WORLD_SIZE > 1, else none), "none", "ddp" or "fsdp2".
+    strategy: Strategy = Strategy.AUTO
+    # FSDP2: dtype the gathered weights compute in ("bf16" or "fp32"); the sharded master weights, their gradients
+    # and the optimizer state stay fp32.
+    param_dtype: DType = DType.BF16
+    # FSDP2: dtype of the gradients' reduce-scatter between the processes.
+    reduce_dtype: DType = DType.FP32
+    # FSDP2: free each block's gathered weights after its forward and gather them again for its backward (less
+    # memory, more communication).
+    reshard_after_forward: bool = True
+    # Seconds a process waits for the others at a collective (rank 0 downloading the models first, checkpoints,
+    # validation images) before the run fails.
+    timeout_s: int = 1800
+
+    def __post_init__(self):
+        if self.timeout_s < 1:
+            raise ConfigError(f"timeout_s must be >= 1, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run."""
 
@@ -318,6 +362,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if not self.output_dir:
@@ -330,6 +375,10 @@ class TrainConfig:
             raise ConfigError("[logging] validation images need [model] autoencoder and text_encoder")
         if self.data.source is DataSource.FOLDER and not (self.model.autoencoder and self.model.text_encoder):
             raise ConfigError('[data] source = "folder" needs [model] autoencoder and text_encoder')
+        if self.distributed.strategy is Strategy.FSDP2 and self.model.lora_rank:
+            raise ConfigError(
+                '[distributed] strategy = "fsdp2" does not train LoRA adapters (they are small): use "ddp"'
+            )
 
 
 @dataclass(frozen=True)
@@ -350,6 +399,7 @@ _SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "distributed": DistributedConfig,
 }
 
 
