@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sana import __version__
@@ -146,6 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(
         f"trained to step {summary['step']} (last loss {summary['last_loss']:.4f}); checkpoint {summary['checkpoint']}"
         + (f"; exported {summary['export']}" if summary.get("export") else ""),
