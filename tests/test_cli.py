@@ -1,5 +1,6 @@
 """`sana generate` through a subprocess on a tiny random pipeline folder."""
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,44 @@ def test_train_cli_tiny_and_bad_config(tmp_path):
     bad.write_text("[optim]\nlrr = 1.0\n")
     r = sana_cli("train", bad)
     assert r.returncode == 2 and "lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_shapes_and_eval_shapes(tmp_path, model_dir):
+    r = sana_cli(
+        "data",
+        "shapes",
+        "--out",
+        tmp_path / "shapes",
+        "--n",
+        "12",
+        "--size",
+        "128",
+        "--seed",
+        "3",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "shapes").rglob("*.png"))) == 12
+    r = sana_cli("eval", "shapes", "--self-check", "--n", "12", "--size", "256", "--json", tmp_path / "gt.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "gt.json").read_text())["overall"] >= 0.98
+    # A random tiny model runs through the whole evaluation (its score is near 0, but the report is complete).
+    r = sana_cli(
+        "eval",
+        "shapes",
+        "--model",
+        model_dir,
+        "--n",
+        "6",
+        "--steps",
+        "1",
+        "--json",
+        tmp_path / "m.json",
+        "--device",
+        "cpu",
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert 0.0 <= report["overall"] <= 1.0
