@@ -201,7 +201,7 @@ class Pipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         sampler: Sampler | str | None = None,
         num_images: int = 1,
         callback: StepCallback | None = None,
@@ -241,7 +241,7 @@ class Pipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         sampler: Sampler | str | None = None,
         num_images: int = 1,
         callback: StepCallback | None = None,
@@ -277,7 +277,7 @@ class Pipeline:
         B = text.shape[0]
         f = self.autoencoder.config.spatial_compression
         shape = (B, self.transformer.config.in_channels, height // f, width // f)
-        noise = sampling._randn(torch.Size(shape), generator, self.device)  # fp32, as diffusers' randn_tensor
+        noise = sampling.randn(torch.Size(shape), generator, self.device)  # fp32, as diffusers' randn_tensor
 
         bar = _progress_bar(steps, self.progress if progress is None else progress)
 

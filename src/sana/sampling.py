@@ -202,7 +202,7 @@ def flow_euler(
     return x
 
 
-def _randn(shape: torch.Size, generator: RNG, device: torch.device) -> Tensor:
+def randn(shape: torch.Size, generator: RNG, device: torch.device) -> Tensor:
     """Standard normal float32 noise, drawn as diffusers' ``randn_tensor`` draws it (same generator use)."""
     if isinstance(generator, list) and len(generator) == 1:
         generator = generator[0]
@@ -253,7 +253,7 @@ def scm(
         v = velocity(x_flow, t_flow.item()).float()
         trig = ((1 - 2 * t_flow) * x_flow + (1 - 2 * t_flow + 2 * t_flow**2) * v) / norm * sigma_data
         x0 = torch.cos(s) * x - torch.sin(s) * trig
-        z = _randn(x.shape, generator, x.device) * sigma_data
+        z = randn(x.shape, generator, x.device) * sigma_data
         x = torch.cos(t) * x0 + torch.sin(t) * z
         if callback is not None:
             callback(i, x, x0 / sigma_data)
