@@ -342,7 +342,7 @@ def test_torchrun_cli_trains_with_ddp(tmp_path):
     command += ["-m", "sana", "train", str(config), f"--set=output_dir={tmp_path / 'ddp'}", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("trained to step 2") == WORLD
+    assert done.stderr.count("trained to step 2") == 1  # rank 0 reports, the others stay quiet
     logged = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     one = [f"output_dir={tmp_path / 'one'}", *sets, f"optim.grad_accum={WORLD}", "distributed.strategy=none"]
     assert logged == pytest.approx(train(load_config(config, one))["losses"], rel=RTOL)
