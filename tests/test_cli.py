@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -80,7 +81,7 @@ def test_generate_writes_png_with_metadata(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr
     second = sorted(p for p in tmp_path.glob("cat*.png") if p != out)
     assert len(second) == 1
-    assert list(Image.open(second[0]).getdata()) == list(image.getdata())
+    assert np.array_equal(np.asarray(Image.open(second[0])), np.asarray(image))
 
 
 def test_prompts_file_and_numbering(tmp_path, model_dir):
