@@ -131,6 +131,7 @@ class Pipeline:
         self.fast = fast  # CUDA graph replay on CUDA devices (same numerics); False: plain eager reference
         self.max_graphs = 4
         self._graphs: dict = {}
+        self._lora_originals: dict[str, torch.Tensor] = {}  # weights as they were before load_lora
         depth = transformer.config.depth
         # Reference PAG layers: block 14 of the 28-block 600M, block 8 of the 20-block 1600M.
         self.pag_blocks = (
@@ -176,6 +177,24 @@ class Pipeline:
             progress=progress,
             fast=fast,
         )
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
+        """Merge a PEFT / diffusers LoRA (file or folder) into the transformer: W += scale (alpha / r) B A.
+
+        Cumulative: each call adds on top of the previous ones; `unload_lora` restores the original weights
+        (kept on the first merge of each layer). Returns the diffusers modules it adapted.
+        """
+        from sana import lora
+
+        updates = lora.read_lora(path, self.transformer)
+        lora.merge_lora(self.transformer, updates, scale, self._lora_originals)
+        return [u.source for u in updates]
+
+    def unload_lora(self) -> None:
+        """Restore the transformer weights as they were before the first `load_lora` (exactly)."""
+        from sana import lora
+
+        lora.restore_weights(self.transformer, self._lora_originals)
 
     @property
     def device(self) -> torch.device:

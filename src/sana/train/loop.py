@@ -33,6 +33,7 @@ from torch import nn
 
 from sana.dataclass_io import to_dict
 from sana.errors import CheckpointError, ConfigError, SanaError
+from sana.lora import save_lora as save_diffusers_lora
 from sana.models.transformer import SanaTransformer
 from sana.train import distributed
 from sana.train.cache import CachedDataset, encode_captions, encode_images
@@ -55,6 +56,7 @@ from sana.train.model import (
     chi_lines,
     load_autoencoder_for,
     load_text_encoder_for,
+    lora_adapters,
     merged_copy,
     save_lora,
 )
@@ -501,6 +503,8 @@ def _export(model, ema, trainable, cfg: TrainConfig, folder: Path, ctx: Context)
             save_lora(
                 model, folder / "lora.safetensors", cfg.model.lora_rank, cfg.model.lora_alpha or cfg.model.lora_rank
             )
+            # The same adapters in diffusers' layout (folder/pytorch_lora_weights.safetensors): Pipeline.load_lora
+            save_diffusers_lora(folder, lora_adapters(model), model.config)
         return save_model(plain, path, layout="diffusers" if diffusers else "native")
     finally:
         if ema is not None:

@@ -156,6 +156,17 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def lora_adapters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module: (A (r, in), B (out, r), alpha / r)} of every adapted layer, for `sana.lora.save_lora`."""
+    out = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, LoRA):
+                    out[name] = (p.A.detach(), p.B.detach(), p.scale)
+    return out
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` with every LoRA folded into its weight (plain native state-dict keys)."""
     if not lora_state_dict(model):
