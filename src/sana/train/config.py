@@ -40,6 +40,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport, if installed
 
 class DataSource(enum.Enum):
     FOLDER = "folder"  # images with NAME.txt / NAME.json captions beside them, encoded on the fly
+    WEBDATASET = "webdataset"  # WebDataset tar shards of images + captions, encoded on the fly
     CACHE = "cache"  # a folder written by `build_cache` (`sana cache`): DC-AE latents and text embeddings
     SYNTHETIC = "synthetic"  # fixed random latents and text embeddings: a smoke test that needs no files
 
@@ -143,9 +144,10 @@ class ModelConfig:
 class DataConfig:
     """Where training pairs come from and how they are batched."""
 
-    # "folder" (images + captions), "cache" (a `build_cache` folder) or "synthetic" (no files).
+    # "folder" (images + captions), "webdataset" (tar shards of them), "cache" (a `build_cache` folder) or
+    # "synthetic" (no files).
     source: DataSource = DataSource.FOLDER
-    # The image folder or the cache folder; unused for synthetic data.
+    # The image folder, the folder (or glob) of .tar shards, or the cache folder; unused for synthetic data.
     path: str = ""
     # Base resolution of the aspect-ratio buckets: 512/1024/2048/4096 use Sana's tables, other sizes the 1024
     # table scaled. Synthetic latents are (resolution / 32) a side.
@@ -373,8 +375,10 @@ class TrainConfig:
             raise ConfigError(f"[data] source = {self.data.source.value!r} needs `path`")
         if self.logging.validation_every and not (self.model.autoencoder and self.model.text_encoder):
             raise ConfigError("[logging] validation images need [model] autoencoder and text_encoder")
-        if self.data.source is DataSource.FOLDER and not (self.model.autoencoder and self.model.text_encoder):
-            raise ConfigError('[data] source = "folder" needs [model] autoencoder and text_encoder')
+        if self.data.source in (DataSource.FOLDER, DataSource.WEBDATASET) and not (
+            self.model.autoencoder and self.model.text_encoder
+        ):
+            raise ConfigError(f'[data] source = "{self.data.source.value}" needs [model] autoencoder and text_encoder')
         if self.distributed.strategy is Strategy.FSDP2 and self.model.lora_rank:
             raise ConfigError(
                 '[distributed] strategy = "fsdp2" does not train LoRA adapters (they are small): use "ddp"'

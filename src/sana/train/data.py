@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -93,19 +93,38 @@ class ScanReport:
 def read_captions(image: Path) -> tuple[dict[str, str], dict[str, float]]:
     """Captions and CLIP scores of `image` from NAME.txt and/or NAME.json beside it. Raises DataError for a
     caption file that exists but cannot be used."""
-    captions: dict[str, str] = {}
-    scores: dict[str, float] = {}
     json_path, txt_path = image.with_suffix(".json"), image.with_suffix(".txt")
+    json_text = txt_text = None
     if json_path.exists():
         try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
+            json_text = json_path.read_text(encoding="utf-8")
         except (OSError, ValueError) as e:
             raise DataError(f"{json_path}: {e}") from e
+    if txt_path.exists():
+        try:
+            txt_text = txt_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{txt_path}: {e}") from e
+    return parse_captions(json_text, txt_text, str(json_path))
+
+
+def parse_captions(
+    json_text: str | None, txt_text: str | None, json_name: str = "captions.json"
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Captions and CLIP scores from the text of a NAME.json and/or NAME.txt (None where there is none), in the
+    layout of the module doc. Raises DataError, naming `json_name`, for JSON that cannot be used."""
+    captions: dict[str, str] = {}
+    scores: dict[str, float] = {}
+    if json_text is not None:
+        try:
+            meta = json.loads(json_text)
+        except ValueError as e:
+            raise DataError(f"{json_name}: {e}") from e
         raw = meta.get("captions") if isinstance(meta, dict) else None
         if isinstance(raw, list):
             raw = {str(i): text for i, text in enumerate(raw)}
         if not isinstance(raw, dict) or not all(isinstance(t, str) for t in raw.values()):
-            raise DataError(f'{json_path}: expected {{"captions": {{name: text}}}} or {{"captions": [text, ...]}}')
+            raise DataError(f'{json_name}: expected {{"captions": {{name: text}}}} or {{"captions": [text, ...]}}')
         captions = {str(k): t.strip() for k, t in raw.items() if t.strip()}
         raw_scores = meta.get("clip_scores", {})
         if isinstance(raw_scores, list):
@@ -113,20 +132,18 @@ def read_captions(image: Path) -> tuple[dict[str, str], dict[str, float]]:
         if not isinstance(raw_scores, dict) or not all(
             isinstance(s, int | float) and not isinstance(s, bool) for s in raw_scores.values()
         ):
-            raise DataError(f'{json_path}: "clip_scores" must map caption names to numbers')
+            raise DataError(f'{json_name}: "clip_scores" must map caption names to numbers')
         scores = {str(k): float(s) for k, s in raw_scores.items() if str(k) in captions}
-    if txt_path.exists():
-        try:
-            text = txt_path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{txt_path}: {e}") from e
+    if txt_text is not None:
+        text = txt_text.strip()
         if text and "prompt" not in captions:
             captions = {"prompt": text, **captions}
     return captions, scores
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image from its header, after EXIF orientation; raises one of IMAGE_ERRORS."""
+def image_size(path: Path | IO[bytes]) -> tuple[int, int]:
+    """(height, width) of an image (a path or an open binary file) from its header, after EXIF orientation;
+    raises one of IMAGE_ERRORS."""
     with Image.open(path) as im:
         width, height = im.size
         # EXIF orientation, read from the header of the formats that carry it there (a PNG's EXIF would need
@@ -244,7 +261,7 @@ def closest_bucket(height: int, width: int, table: Mapping[str, Bucket]) -> Buck
     return table[min(table, key=lambda k: abs(float(k) - ratio))]
 
 
-def load_image(path: Path, size: Bucket) -> torch.Tensor:
+def load_image(path: Path | IO[bytes], size: Bucket) -> torch.Tensor:
     """The image resized (bicubic; Lanczos from 2048 px) to cover `size` = (h, w), centre-cropped, as a
     (3, h, w) float tensor in [-1, 1]. Transparent pixels are composed over white. Raises one of IMAGE_ERRORS."""
     h, w = size

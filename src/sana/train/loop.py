@@ -61,6 +61,7 @@ from sana.train.model import (
     save_lora,
 )
 from sana.train.optim import EMA, build_optimizer, lr_at
+from sana.train.webdataset import WebDatasetShards
 from sana.weights.io import write_json
 from sana.weights.load import save_model
 
@@ -107,7 +108,8 @@ def _train(cfg: TrainConfig, ctx: Context, on_step: StepCallback | None) -> dict
     # Rank 0 first: it downloads what is missing into the Hugging Face cache, the others then read it there.
     with distributed.main_first(ctx):
         model = build_transformer(cfg.model, torch.Generator().manual_seed(cfg.seed)).to(device)
-        need_encoders = cfg.data.source is DataSource.FOLDER or cfg.logging.validation_every > 0
+        raw_images = cfg.data.source in (DataSource.FOLDER, DataSource.WEBDATASET)
+        need_encoders = raw_images or cfg.logging.validation_every > 0
         autoencoder = load_autoencoder_for(cfg.model, device, frozen_dtype) if need_encoders else None
         text_encoder = load_text_encoder_for(cfg.model, device, frozen_dtype) if need_encoders else None
     # train_model is what computes the loss: model itself, a DDP wrapper around it, or model sharded in place
@@ -116,8 +118,9 @@ def _train(cfg: TrainConfig, ctx: Context, on_step: StepCallback | None) -> dict
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
     # ---- 3. Data: a dataset indexed by (index, sample_seed), batches from one aspect-ratio bucket each -----
-    if cfg.data.source is DataSource.FOLDER:
-        dataset = ImageFolderDataset(
+    if raw_images:
+        images_class = ImageFolderDataset if cfg.data.source is DataSource.FOLDER else WebDatasetShards
+        dataset = images_class(
             cfg.data.path,
             cfg.data.resolution,
             autoencoder.config.spatial_compression,
