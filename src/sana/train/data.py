@@ -382,28 +382,22 @@ def iterate_batches(
 # Datasets
 
 
-class ImageFolderDataset(Dataset):
-    """Images bucketed by aspect ratio with one caption each, sampled by CLIP score.
+class CaptionedImages(Dataset):
+    """Records (image + captions + size) bucketed by aspect ratio, one caption each sampled by CLIP score.
 
     Item (index, sample_seed) -> {"image": (3, h, w) in [-1, 1], "caption": str, "index": int}, or
-    {"error": message, "index": int} when the image fails to decode.
+    {"error": message, "index": int} when the image fails to decode. Subclasses find the records and open images.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        base_resolution: int = 1024,
-        multiple: int = 32,
-        clip_threshold: float = 25.0,
-        clip_temperature: float = 0.1,
-    ):
-        self.root = Path(root)
-        self.records, self.report = scan_folder(self.root)
-        if not self.records:
-            raise DataError(f"no usable image in {self.root}: found {self.report.describe()}")
+    def _bucket(self, records, base_resolution: int, multiple: int, clip_threshold: float, clip_temperature: float):
+        self.records = records
         self.table = bucket_table(base_resolution, multiple)
         self.buckets: list[Bucket] = [closest_bucket(r.height, r.width, self.table) for r in self.records]
         self.clip_threshold, self.clip_temperature = clip_threshold, clip_temperature
+
+    def _open(self, record) -> tuple[Any, str]:
+        """(a path or binary file of the image, its name for error messages)."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.records)
@@ -416,11 +410,34 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, seed = key
         record = self.records[index]
+        name = str(index)
         try:
-            image = load_image(record.image, self.buckets[index])
+            source, name = self._open(record)
+            image = load_image(source, self.buckets[index])
         except IMAGE_ERRORS as e:
-            return {"error": f"{record.image}: {type(e).__name__}: {e}", "index": index}
+            return {"error": f"{name}: {type(e).__name__}: {e}", "index": index}
         return {"image": image, "caption": record.captions[self.caption_name(index, seed)], "index": index}
+
+
+class ImageFolderDataset(CaptionedImages):
+    """The images of a folder with their captions beside them (`NAME.txt` or `NAME.json`); see CaptionedImages."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        base_resolution: int = 1024,
+        multiple: int = 32,
+        clip_threshold: float = 25.0,
+        clip_temperature: float = 0.1,
+    ):
+        self.root = Path(root)
+        records, self.report = scan_folder(self.root)
+        if not records:
+            raise DataError(f"no usable image in {self.root}: found {self.report.describe()}")
+        self._bucket(records, base_resolution, multiple, clip_threshold, clip_temperature)
+
+    def _open(self, record) -> tuple[Any, str]:
+        return record.image, str(record.image)
 
 
 class SyntheticDataset(Dataset):

@@ -25,22 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from torch.utils.data import Dataset
-
 from sana.train.data import (
     IMAGE_ERRORS,
     IMAGE_EXTENSIONS,
-    Bucket,
+    CaptionedImages,
     DataError,
-    SampleKey,
     ScanReport,
-    bucket_table,
-    closest_bucket,
     image_size,
-    load_image,
     parse_captions,
-    sample_caption,
 )
 
 INDEX_SUFFIX = ".index.json"
@@ -164,7 +156,7 @@ def load_index(shard: Path) -> dict[str, Any]:
     return index
 
 
-class WebDatasetShards(Dataset):
+class WebDatasetShards(CaptionedImages):
     """The samples of WebDataset tar shards, bucketed by aspect ratio, one caption each sampled by CLIP score.
 
     Items as `ImageFolderDataset`: (index, sample_seed) -> {"image": (3, h, w) in [-1, 1], "caption": str,
@@ -181,7 +173,7 @@ class WebDatasetShards(Dataset):
     ):
         self.path = Path(path)
         self.shards = find_shards(self.path)
-        self.records: list[TarRecord] = []
+        records: list[TarRecord] = []
         self.report = ScanReport()
         for shard_id, shard in enumerate(self.shards):
             index = load_index(shard)
@@ -189,30 +181,14 @@ class WebDatasetShards(Dataset):
             self.report.unreadable += index["unreadable"]
             self.report.no_caption += index["no_caption"]
             self.report.bad_caption_file += index["bad_caption_file"]
-            self.records += [TarRecord(shard=shard_id, **s) for s in index["samples"]]
-        if not self.records:
+            records += [TarRecord(shard=shard_id, **s) for s in index["samples"]]
+        if not records:
             raise DataError(f"no usable sample in {len(self.shards)} shard(s) at {self.path}: {self.report.describe()}")
-        self.table = bucket_table(base_resolution, multiple)
-        self.buckets: list[Bucket] = [closest_bucket(r.height, r.width, self.table) for r in self.records]
-        self.clip_threshold, self.clip_temperature = clip_threshold, clip_temperature
+        self._bucket(records, base_resolution, multiple, clip_threshold, clip_temperature)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def caption_name(self, index: int, seed: int) -> str:
-        r = self.records[index]
-        rng = np.random.default_rng(seed)
-        return sample_caption(list(r.captions), r.clip_scores, rng, self.clip_threshold, self.clip_temperature)
-
-    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
-        index, seed = key
-        record = self.records[index]
+    def _open(self, record: TarRecord) -> tuple[io.BytesIO, str]:
         shard = self.shards[record.shard]
-        try:
-            with open(shard, "rb") as f:
-                f.seek(record.offset)
-                data = f.read(record.size)
-            image = load_image(io.BytesIO(data), self.buckets[index])
-        except IMAGE_ERRORS as e:
-            return {"error": f"{shard}:{record.name}: {type(e).__name__}: {e}", "index": index}
-        return {"image": image, "caption": record.captions[self.caption_name(index, seed)], "index": index}
+        with open(shard, "rb") as f:
+            f.seek(record.offset)
+            data = f.read(record.size)
+        return io.BytesIO(data), f"{shard}:{record.name}"
