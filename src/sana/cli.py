@@ -7,6 +7,7 @@ import os
 import sys
 
 from sana import __version__
+from sana.cli_args import add_device_options, dtype_of
 from sana.errors import SanaError
 
 EXIT_USAGE = 2
@@ -83,7 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         paths = outputs.numbered_paths(args.output, len(prompts) * args.num_images, args.overwrite)
     except ValueError as e:
         raise SanaError(str(e)) from e
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = dtype_of(args.dtype)
     pipe = Pipeline.from_pretrained(
         args.model,
         device=args.device,
@@ -183,8 +184,6 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
 def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from sana.shapes import dataset_seen_pairs, self_check
     from sana.shapes.evaluate import evaluate, pipeline_generate_fn
 
@@ -193,7 +192,7 @@ def _cmd_eval_shapes(args: argparse.Namespace) -> int:
     else:
         from sana.pipeline import Pipeline
 
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        dtype = dtype_of(args.dtype)
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, progress=False)
         seen = dataset_seen_pairs(args.train_dir) if args.train_dir else None
         fn = pipeline_generate_fn(pipe, args.size, args.steps, args.guidance)
@@ -273,13 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
     g.add_argument("--prompts-file", default=None, help="a text file with one prompt a line")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument(
-        "--dtype",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        default="auto",
-        help="weights dtype (auto: bf16 on GPU, fp16 for fp16-trained models, fp32 on CPU)",
-    )
+    add_device_options(g)
     g.add_argument("--overwrite", action="store_true", help="overwrite existing files instead of numbering anew")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
@@ -372,8 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--train-dir", default=None, help="training folder: report prompts with unseen colour-shape pairs")
     es.add_argument("--images", default=None, help="folder to keep the generated images")
     es.add_argument("--json", default=None, help="write the report as JSON")
-    es.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    es.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto", help="dtype")
+    add_device_options(es)
     es.add_argument("--self-check", action="store_true", help="score ground-truth images (checks the scorer)")
     es.set_defaults(func=_cmd_eval_shapes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sana.cli_args import add_device_options, dtype_of
 from sana.errors import SanaError
 
 
@@ -25,13 +26,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--model", default="sana-600m-1024", help="preset name, Hub repo id or local pipeline folder")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    s.add_argument(
-        "--dtype",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        default="auto",
-        help="weights dtype (auto: bf16 on GPU, fp16 for fp16-trained models, fp32 on CPU)",
-    )
+    add_device_options(s)
     s.add_argument("--max-batch", type=int, default=4, help="most images generated together")
     s.add_argument("--max-wait-ms", type=float, default=20, help="longest wait for compatible requests to batch")
     s.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are answered 429")
@@ -85,13 +80,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise SanaError(f"sana serve needs the serve extra ({e.name} is missing): pip install 'sana[serve]'") from e
-    import torch
 
     from sana import safety
     from sana.serve.server import serve
 
     api_key = _read_api_key(args.api_key_file)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = dtype_of(args.dtype)
     checker = safety.build_checker(
         args.safety,
         model=args.safety_model,
