@@ -137,3 +137,11 @@ def test_cli_convert_and_errors(tmp_path, folder):
         assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert r.stderr.startswith("sana convert: error:")
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.txt").exists()
+
+
+def test_wrapper_prefixes_are_stripped(folder):
+    _edit(folder, lambda sd: [sd.__setitem__("module." + k, sd.pop(k)) for k in list(sd)])  # as DDP saves
+    reference = tiny_diffusers({})
+    model = sana.load_transformer(folder)
+    sd = model.state_dict()
+    assert torch.equal(sd["final.linear.weight"], reference.state_dict()["proj_out.weight"])

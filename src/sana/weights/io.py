@@ -21,6 +21,9 @@ StateDict = dict[str, torch.Tensor]
 # Wrappers that training scripts put around the weights ("state_dict" in NVlabs .pth files).
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
+# Prefixes tools put before every key: single-file checkpoints, DDP, torch.compile.
+WRAPPER_PREFIXES = ("model.diffusion_model.", "module.", "_orig_mod.")
+
 SAFETENSORS_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
@@ -54,6 +57,14 @@ def _unwrap(obj, path: Path) -> StateDict:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return dict(obj)
     raise CheckpointError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
+
+
+def strip_prefixes(sd: StateDict) -> StateDict:
+    """Drop wrapper prefixes present on every key (single-file `model.diffusion_model.`, DDP `module.`)."""
+    for prefix in WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
 
 
 def read_sharded(index_path: str | Path) -> StateDict:

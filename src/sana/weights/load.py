@@ -27,6 +27,7 @@ from sana.weights.io import (
     find_weights_in_folder,
     read_json,
     read_weights,
+    strip_prefixes,
     write_json,
     write_safetensors,
 )
@@ -102,8 +103,7 @@ def read_checkpoint(src: str | Path, kind: ModelKind, config: Any = None) -> Che
         cfg = config or dataclass_io.from_json(kind.config_cls, metadata.get("sana_config", "{}"), source)
         return Checkpoint(sd, "native", cfg, source)
 
-    if hasattr(conv, "strip_prefixes"):
-        sd = conv.strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     layout = conv.detect_layout(sd)
     if layout is None:
         others = [k.name for k in KINDS if k is not kind and k.converters.detect_layout(sd) is not None]
@@ -223,7 +223,7 @@ def detect_kind(src: str | Path, config: Any = None) -> ModelKind:
         if metadata.get("sana_model") == kind.name:
             return kind
         conv = kind.converters
-        if conv.detect_layout(conv.strip_prefixes(sd) if hasattr(conv, "strip_prefixes") else sd):
+        if conv.detect_layout(strip_prefixes(sd)):
             return kind
     raise CheckpointError(f"{path}: neither a Sana transformer nor a DC-AE checkpoint (keys: {sorted(sd)[:3]})")
 

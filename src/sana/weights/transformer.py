@@ -19,7 +19,6 @@ LAYOUTS = ("native", "diffusers", "original")
 # Keys the original checkpoints carry that no layout maps: the stored PE (recomputed at run time), the
 # learned null caption (our pipeline encodes "" instead, as diffusers) and Sprint's training-only logvar head.
 ORIGINAL_IGNORED = re.compile(r"^(pos_embed|y_embedder\.y_embedding|logvar_linear\.(weight|bias))$")
-_PREFIXES = ("model.diffusion_model.", "module.", "_orig_mod.")
 
 # Original checkpoints store no cross-attention head count; the released widths have these.
 _CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
@@ -104,14 +103,6 @@ def _native_keys(cfg: TransformerConfig) -> list[str]:
 
     with torch.device("meta"):
         return list(SanaTransformer(cfg).state_dict())
-
-
-def strip_prefixes(sd: StateDict) -> StateDict:
-    """Drop wrapper prefixes some tools add to every key (single-file `model.diffusion_model.`, DDP `module.`)."""
-    for prefix in _PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
 
 
 def detect_layout(sd: StateDict) -> str | None:
