@@ -43,10 +43,23 @@ def test_tables_equal_diffusers(sample_size, ours, ref):
     assert table_for_sample_size(sample_size) is ours
 
 
-@pytest.mark.parametrize("sample_size", [0, 8, 24, 48, 256, -32])
-def test_table_for_sample_size_rejects_unknown(sample_size):
-    with pytest.raises(ValueError, match=f"sample_size {sample_size}"):
+@pytest.mark.parametrize("sample_size", [0, -32])
+def test_table_for_sample_size_rejects_non_positive(sample_size):
+    with pytest.raises(ValueError, match=f"sample_size must be >= 1, got {sample_size}"):
         table_for_sample_size(sample_size)
+
+
+@pytest.mark.parametrize("sample_size", [8, 24, 48])
+def test_other_sample_sizes_scale_the_1024_table(sample_size):
+    """Sizes without a table of Sana's (our 256 px shapes model: 8) bin into the 1024 table scaled to their size."""
+    table = table_for_sample_size(sample_size)
+    base = sample_size * 32
+    assert list(table) == list(ASPECT_RATIO_1024)
+    assert table["1.0"] == (base, base)
+    for key, (h, w) in table.items():
+        h_ref, w_ref = ASPECT_RATIO_1024[key]
+        assert h % 32 == 0 and w % 32 == 0 and h >= 32 and w >= 32
+        assert abs(h - h_ref * base / 1024) <= 16 and abs(w - w_ref * base / 1024) <= 16
 
 
 @pytest.mark.parametrize(("ours", "ref"), [t[1:] for t in TABLES], ids=TABLE_IDS)

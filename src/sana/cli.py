@@ -11,6 +11,7 @@ from sana.cli_args import add_device_options, dtype_of
 from sana.errors import SanaError
 
 EXIT_USAGE = 2
+DEFAULT_MODEL = "sana-tiny-shapes"  # shipped inside the package: `sana generate` works offline
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -85,6 +86,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SanaError(str(e)) from e
     dtype = dtype_of(args.dtype)
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+        print(
+            f"model: {DEFAULT_MODEL}, our small model of coloured shapes shipped with sana (offline). For the "
+            "released Sana models add --model sana-600m-1024 (or sana-1600m-1024, sana-sprint-0.6b, ...: "
+            "downloaded from the Hugging Face Hub).",
+            file=sys.stderr,
+        )
     pipe = Pipeline.from_pretrained(
         args.model,
         device=args.device,
@@ -143,6 +152,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _cmd_assemble(args: argparse.Namespace) -> int:
+    import torch
+
+    from sana.assemble import assemble_pipeline
+
+    out = assemble_pipeline(
+        args.transformer,
+        args.autoencoder,
+        args.text_encoder,
+        args.out,
+        flow_shift=args.flow_shift,
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+    )
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sana.train import load_config, train
 
@@ -155,6 +183,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         + (f"; exported {summary['export']}" if summary.get("export") else ""),
         file=sys.stderr,
     )
+    if "holdout_psnr_db" in summary:
+        print(f"held-out reconstruction PSNR {summary['holdout_psnr_db']:.2f} dB", file=sys.stderr)
     return 0
 
 
@@ -250,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts-file)")
     g.add_argument("-o", "--output", default="out.png", help="output PNG; several images are numbered beside it")
-    g.add_argument("--model", default="sana-600m-1024", help="preset name, Hub repo id or local pipeline folder")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"preset name, Hub repo id or local pipeline folder (default: {DEFAULT_MODEL}, shipped with sana)",
+    )
     g.add_argument(
         "--size",
         type=_parse_size,
@@ -279,6 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", action="store_true", help="plain eager PyTorch (no CUDA graphs): to compare with the fast path"
     )
     g.set_defaults(func=_cmd_generate)
+
+    asm = sub.add_parser(
+        "assemble",
+        help="write a pipeline folder from a trained transformer, DC-AE and text encoder",
+        description="Assemble a diffusers-layout pipeline folder (what --model takes) from the exports of three "
+        "`sana train` runs (their final/ folders) or any transformer / DC-AE / Gemma-2 checkpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    asm.add_argument("out", help="the pipeline folder to write")
+    asm.add_argument("--transformer", required=True, help="transformer checkpoint (or a run's final/ folder)")
+    asm.add_argument("--autoencoder", required=True, help="DC-AE checkpoint (or a run's final/ folder holding vae/)")
+    asm.add_argument("--text-encoder", required=True, help="folder with tokenizer/ and text_encoder/")
+    asm.add_argument("--flow-shift", type=float, default=3.0, help="flow shift the model was trained with")
+    asm.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="weights' dtype")
+    asm.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    asm.set_defaults(func=_cmd_assemble)
 
     tr = sub.add_parser(
         "train",
@@ -356,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ground-truth images instead (must be >= 0.98).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    es.add_argument("--model", default=None, help="preset, Hub repo id or local pipeline folder")
+    es.add_argument("--model", default=DEFAULT_MODEL, help="preset, Hub repo id or local pipeline folder")
     es.add_argument("--n", type=int, default=600, help="number of prompts")
     es.add_argument("--seed", type=int, default=0, help="prompt seed")
     es.add_argument("--size", type=int, default=256, help="image size")

@@ -37,19 +37,31 @@ class Sampler(enum.Enum):
 class PipelinePreset:
     """A released model: where its diffusers-format pipeline lives and how to sample it."""
 
-    repo: str  # Hugging Face repo id of the diffusers-format pipeline
+    repo: str  # Hugging Face repo id of the diffusers-format pipeline ("" for a model shipped in the package)
     sampler: Sampler = Sampler.FLOW_DPM_SOLVER
     flow_shift: float = 3.0
     steps: int = 20
     guidance: float = 4.5
     gpu_dtype: str = "bfloat16"  # the dtype the checkpoint was trained for ("float16" for fp16-trained ones)
     description: str = ""
+    local: str = ""  # a pipeline folder inside the installed package (sana/assets/NAME): no download, works offline
+
+    def folder(self) -> Path | None:
+        """The shipped pipeline folder of a `local` preset (None for a Hub one)."""
+        return Path(__file__).parent / "assets" / self.local if self.local else None
 
 
 _ORG = "Efficient-Large-Model"
 # Flow shifts are those of the diffusers scheduler configs (the converter writes 3.0, and 6.0 for 4K; the NVlabs
 # yaml of 600M-1024 says 4.0). A folder's own scheduler_config.json, when present, wins.
 PIPELINE_PRESETS: dict[str, PipelinePreset] = {
+    # Our own small model, trained on the shapes world (`sana data shapes`) with `sana train`; shipped in the package.
+    "sana-tiny-shapes": PipelinePreset(
+        "",
+        local="sana-tiny-shapes",
+        gpu_dtype="float32",
+        description="sana-tiny-shapes: our 256px model of coloured shapes, in the package (offline)",
+    ),
     "sana-600m-512": PipelinePreset(
         f"{_ORG}/Sana_600M_512px_diffusers", gpu_dtype="float16", description="Sana 0.6B, 512px"
     ),
@@ -156,7 +168,12 @@ class Pipeline:
 
         name = str(name_or_path)
         preset = PIPELINE_PRESETS.get(name)
-        folder = hub.resolve(preset.repo if preset else name, revision=revision, allow_patterns=HUB_PATTERNS)
+        if preset is not None and preset.local:
+            folder = preset.folder()
+            if not (folder / "model_index.json").is_file():
+                raise SanaError(f"{name}: the shipped model is missing from this installation ({folder})")
+        else:
+            folder = hub.resolve(preset.repo if preset else name, revision=revision, allow_patterns=HUB_PATTERNS)
         if not folder.is_dir() or not (folder / "transformer").is_dir():
             raise SanaError(f"{name}: not a pipeline folder (expected transformer/, vae/, text_encoder/, tokenizer/)")
         device = torch.device(device) if device is not None else default_device()

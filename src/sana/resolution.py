@@ -53,11 +53,26 @@ ASPECT_RATIO_4096: AspectRatioTable = MappingProxyType({k: (2 * h, 2 * w) for k,
 _TABLES = {16: ASPECT_RATIO_512, 32: ASPECT_RATIO_1024, 64: ASPECT_RATIO_2048, 128: ASPECT_RATIO_4096}
 
 
+def scaled_table(base: int, multiple: int = 32) -> AspectRatioTable:
+    """Sana's 1024 table scaled by base / 1024, each side rounded to a multiple of `multiple` (at least one)."""
+    if base < multiple or multiple < 1:
+        raise ConfigError(f"base resolution {base} must be >= multiple {multiple} >= 1")
+    scale = base / 1024
+
+    def side(x: int) -> int:
+        return max(multiple, round(x * scale / multiple) * multiple)
+
+    return MappingProxyType({k: (side(h), side(w)) for k, (h, w) in _RATIOS_1024.items()})
+
+
 def table_for_sample_size(sample_size: int) -> AspectRatioTable:
-    """The binning table for a transformer's latent ``sample_size`` (16, 32, 64, 128 -> 512 ... 4096 px)."""
-    if sample_size not in _TABLES:
-        raise ConfigError(f"no aspect-ratio table for sample_size {sample_size!r}; expected one of {list(_TABLES)}")
-    return _TABLES[sample_size]
+    """The binning table for a transformer's latent ``sample_size``: Sana's own for 16, 32, 64, 128 (512 ... 4096
+    px), else the 1024 table scaled to sample_size * 32 px (e.g. 8 -> 256 px, our shapes model)."""
+    if sample_size < 1:
+        raise ConfigError(f"sample_size must be >= 1, got {sample_size!r}")
+    if sample_size in _TABLES:
+        return _TABLES[sample_size]
+    return scaled_table(sample_size * 32)
 
 
 def bin_size(height: int, width: int, table: AspectRatioTable) -> tuple[int, int]:

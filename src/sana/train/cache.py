@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -185,19 +187,30 @@ def _encode_shard(
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for j, b in enumerate(buckets):
         by_bucket.setdefault(b, []).append(j)
+    def load(j: int, bucket) -> torch.Tensor | None:
+        try:
+            return load_image(records[j].image, bucket)
+        except IMAGE_ERRORS:
+            return None
+
+    # Decoding and resizing release the GIL: threads keep the encoders fed on a many-core machine.
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
     for bucket, slots in by_bucket.items():
         for start in range(0, len(slots), batch_size):
             good, images = [], []
-            for j in slots[start : start + batch_size]:
-                try:
-                    images.append(load_image(records[j].image, bucket))
-                    good.append(j)
-                except IMAGE_ERRORS:
+            chunk = slots[start : start + batch_size]
+            for j, image in zip(chunk, pool.map(lambda j, b=bucket: load(j, b), chunk), strict=True):
+                if image is None:
                     skipped.append(str(records[j].image.relative_to(root)))
+                else:
+                    images.append(image)
+                    good.append(j)
             if good:
                 latents = encode_images(autoencoder, torch.stack(images)).cpu()
                 for j, latent in zip(good, latents, strict=True):
                     tensors[f"{j}.latent"] = latent.clone()
+
+    pool.shutdown()
 
     # Captions of the images that encoded, batched across images.
     encoded = sorted({int(key.split(".")[0]) for key in tensors})

@@ -27,6 +27,7 @@ from typing import Any
 
 from sana.dataclass_io import from_dict
 from sana.errors import ConfigError
+from sana.models.dcae import DCAEConfig
 from sana.models.transformer import TRANSFORMER_PRESETS, TransformerConfig
 
 try:  # Python 3.11+
@@ -36,6 +37,12 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport, if installed
         import tomli as _toml  # type: ignore[no-redef]
     except ModuleNotFoundError:
         _toml = None
+
+
+class TrainTask(enum.Enum):
+    TRANSFORMER = "transformer"  # the diffusion transformer, with the flow-matching loss (sana.train.loop)
+    TEXT_ENCODER = "text_encoder"  # a small Gemma-2 decoder + BPE tokenizer, as a causal LM on the captions
+    AUTOENCODER = "autoencoder"  # a DC-AE that reconstructs the images (sana.train.autoencoder)
 
 
 class DataSource(enum.Enum):
@@ -92,8 +99,38 @@ DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv"
 
 
 @dataclass(frozen=True)
+class TextArchConfig:
+    """A Gemma-2 decoder (transformers' Gemma2Config) for `task = "text_encoder"`; the tokenizer is trained too."""
+
+    # Byte-level BPE vocabulary, special tokens (<pad> <eos> <bos> <unk>) included.
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    max_position_embeddings: int = 1024
+
+    def __post_init__(self):
+        sizes = (self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+        if min(sizes) < 1 or self.intermediate_size < 1:
+            raise ConfigError(f"[model.text_arch] sizes must be >= 1, got {self}")
+        if self.vocab_size < 260:
+            raise ConfigError(f"[model.text_arch] vocab_size must be >= 260 (256 bytes + 4 specials), got {self.vocab_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.max_position_embeddings < 16:
+            raise ConfigError(f"max_position_embeddings must be >= 16, got {self.max_position_embeddings}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The transformer to train and the frozen models around it."""
+    """The model to train and the frozen models around it.
+
+    task "transformer": `preset`, `arch` or `init_from` (plus `autoencoder` / `text_encoder` for raw images and
+    validation). task "text_encoder": `text_arch`. task "autoencoder": `autoencoder_arch` (or `init_from`, a DC-AE).
+    """
 
     # A TRANSFORMER_PRESETS name (e.g. "sana-600m-1024"); "" when `arch` gives the architecture instead.
     preset: str = ""
@@ -117,12 +154,14 @@ class ModelConfig:
     lora_alpha: float = 0.0
     # Module-name suffixes of the Linear layers that get adapters (native names, see sana.models.transformer).
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    # task "text_encoder": the Gemma-2 decoder to train ([model.text_arch] table).
+    text_arch: TextArchConfig | None = None
+    # task "autoencoder": the DC-AE to train ([model.autoencoder_arch] table of DCAEConfig fields).
+    autoencoder_arch: DCAEConfig | None = None
 
     def __post_init__(self):
         if self.preset and self.arch is not None:
             raise ConfigError("`preset` and [model.arch] are exclusive")
-        if not (self.preset or self.arch is not None or self.init_from):
-            raise ConfigError("give `preset`, an [model.arch] table or `init_from`")
         if self.preset and self.preset not in TRANSFORMER_PRESETS:
             raise ConfigError(f"preset {self.preset!r} unknown; known: {', '.join(sorted(TRANSFORMER_PRESETS))}")
         arch = self.transformer_config()
@@ -166,8 +205,19 @@ class DataConfig:
     # Synthetic data: number of fixed samples and text tokens per sample.
     synthetic_samples: int = 16
     synthetic_text_length: int = 8
+    # task "text_encoder": tokens per training sequence (longer ones are cut) and the fraction of sequences that
+    # start with the Complex Human Instruction (as TextEncoder feeds prompts when model.chi is on).
+    text_length: int = 512
+    chi_probability: float = 0.5
+    # task "autoencoder": images held out of training to measure the reconstruction PSNR (the last ones of the folder).
+    holdout: int = 256
 
     def __post_init__(self):
+        if self.text_length < 8 or not 0.0 <= self.chi_probability <= 1.0 or self.holdout < 0:
+            raise ConfigError(
+                f"text_length={self.text_length} must be >= 8, chi_probability={self.chi_probability} in [0, 1], "
+                f"holdout={self.holdout} >= 0"
+            )
         if self.resolution < 32 or self.resolution % 32:
             raise ConfigError(f"resolution must be a positive multiple of 32, got {self.resolution}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -189,8 +239,14 @@ class LossConfig:
     logit_std: float = 1.0
     # Probability of replacing a caption by the null embedding (classifier-free guidance training).
     caption_dropout: float = 0.1
+    # task "autoencoder": loss = |x' - x| + gradient_weight |grad x' - grad x| + l2_weight (x' - x)^2 (means over
+    # pixels; grad = horizontal and vertical pixel differences: penalises blurred edges).
+    gradient_weight: float = 1.0
+    l2_weight: float = 0.0
 
     def __post_init__(self):
+        if self.gradient_weight < 0 or self.l2_weight < 0:
+            raise ConfigError(f"gradient_weight={self.gradient_weight} and l2_weight={self.l2_weight} must be >= 0")
         if self.flow_shift <= 0 or self.logit_std <= 0:
             raise ConfigError(f"flow_shift={self.flow_shift} and logit_std={self.logit_std} must be > 0")
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -349,6 +405,8 @@ class DistributedConfig:
 class TrainConfig:
     """A whole training run."""
 
+    # What is trained: "transformer" (flow matching), "text_encoder" (causal LM + tokenizer) or "autoencoder" (DC-AE).
+    task: TrainTask = TrainTask.TRANSFORMER
     # Checkpoints, logs, samples and the exported model go here.
     output_dir: str = "runs/sana"
     # Seeds the initial weights, the data order, the caption sampler and the loss's noise.
@@ -371,8 +429,11 @@ class TrainConfig:
             raise ConfigError("output_dir must not be empty")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        self._check_task()
         if self.data.source is not DataSource.SYNTHETIC and not self.data.path:
             raise ConfigError(f"[data] source = {self.data.source.value!r} needs `path`")
+        if self.task is not TrainTask.TRANSFORMER:
+            return
         if self.logging.validation_every and not (self.model.autoencoder and self.model.text_encoder):
             raise ConfigError("[logging] validation images need [model] autoencoder and text_encoder")
         if self.data.source in (DataSource.FOLDER, DataSource.WEBDATASET) and not (
@@ -385,10 +446,32 @@ class TrainConfig:
             )
 
 
+    def _check_task(self) -> None:
+        m = self.model
+        if self.task is TrainTask.TRANSFORMER:
+            if not (m.preset or m.arch is not None or m.init_from):
+                raise ConfigError("[model]: give `preset`, an [model.arch] table or `init_from`")
+            return
+        name = self.task.value
+        if self.distributed.strategy not in (Strategy.AUTO, Strategy.NONE):
+            raise ConfigError(f'task "{name}" trains in one process: [distributed] strategy must be "auto" or "none"')
+        if self.data.source is not DataSource.FOLDER:
+            raise ConfigError(f'task "{name}" reads an image folder: [data] source must be "folder"')
+        if m.preset or m.arch is not None or m.lora_rank:
+            raise ConfigError(f'task "{name}": `preset`, [model.arch] and LoRA are for task "transformer"')
+        if self.task is TrainTask.TEXT_ENCODER and m.text_arch is None:
+            raise ConfigError('task "text_encoder" needs a [model.text_arch] table')
+        if self.task is TrainTask.AUTOENCODER and m.autoencoder_arch is None and not m.init_from:
+            raise ConfigError('task "autoencoder" needs a [model.autoencoder_arch] table or `init_from`')
+        if self.logging.validation_every:
+            raise ConfigError(f'task "{name}": validation images are for task "transformer" (set validation_every = 0)')
+
+
 @dataclass(frozen=True)
 class _TopLevel:
     """TrainConfig's scalar fields, converted from TOML before the sections are attached."""
 
+    task: TrainTask = TrainConfig.task
     output_dir: str = TrainConfig.output_dir
     seed: int = TrainConfig.seed
     device: str = TrainConfig.device

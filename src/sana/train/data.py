@@ -247,12 +247,7 @@ def bucket_table(base: int, multiple: int = 32) -> dict[str, Bucket]:
     table = _STANDARD_TABLES.get(base)
     if table is not None and all(h % multiple == 0 and w % multiple == 0 for h, w in table.values()):
         return dict(table)
-    scale = base / 1024
-
-    def side(x: int) -> int:
-        return max(multiple, round(x * scale / multiple) * multiple)
-
-    return {k: (side(h), side(w)) for k, (h, w) in resolution.ASPECT_RATIO_1024.items()}
+    return dict(resolution.scaled_table(base, multiple))
 
 
 def closest_bucket(height: int, width: int, table: Mapping[str, Bucket]) -> Bucket:

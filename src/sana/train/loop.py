@@ -47,7 +47,7 @@ from sana.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from sana.train.config import DataSource, ExportLayout, LogBackend, MixedPrecision, TrainConfig
+from sana.train.config import DataSource, ExportLayout, LogBackend, MixedPrecision, TrainConfig, TrainTask
 from sana.train.data import BucketBatchSampler, ImageFolderDataset, SyntheticDataset, iterate_batches
 from sana.train.distributed import Context
 from sana.train.loss import flow_matching_loss
@@ -83,6 +83,14 @@ def train(cfg: TrainConfig, on_step: StepCallback | None = None) -> dict[str, An
     torchrun every process calls this; it joins the process group from the environment (or uses the one that
     exists) and leaves it at the end.
     """
+    if cfg.task is TrainTask.TEXT_ENCODER:  # one-process tasks with their own small loops (sana.train.fit)
+        from sana.train.text_model import train_text_encoder
+
+        return train_text_encoder(cfg)
+    if cfg.task is TrainTask.AUTOENCODER:
+        from sana.train.autoencoder import train_autoencoder
+
+        return train_autoencoder(cfg)
     ctx = distributed.setup(cfg.distributed, cfg.device)
     try:
         return _train(cfg, ctx, on_step)
