@@ -71,7 +71,8 @@ def assemble_pipeline(
         )
     if ae.config.latent_channels != model.config.in_channels:
         raise SanaError(
-            f"the DC-AE has {ae.config.latent_channels} latent channels, the transformer takes {model.config.in_channels}"
+            f"the DC-AE has {ae.config.latent_channels} latent channels, "
+            f"the transformer takes {model.config.in_channels}"
         )
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)

@@ -124,7 +124,9 @@ def train_autoencoder(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.data.resolution % spatial:
         raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of {spatial} for this DC-AE")
     model = model.to(device).train()
-    data = StepData(ImageBatches(train_records, cfg.data.resolution, cfg.data.batch_size, cfg.seed), cfg.optim.grad_accum)
+    data = StepData(
+        ImageBatches(train_records, cfg.data.resolution, cfg.data.batch_size, cfg.seed), cfg.optim.grad_accum
+    )
     metrics: dict[str, float] = {}
 
     def loss_fn(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

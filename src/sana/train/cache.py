@@ -187,6 +187,7 @@ def _encode_shard(
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for j, b in enumerate(buckets):
         by_bucket.setdefault(b, []).append(j)
+
     def load(j: int, bucket) -> torch.Tensor | None:
         try:
             return load_image(records[j].image, bucket)

@@ -117,7 +117,9 @@ class TextArchConfig:
         if min(sizes) < 1 or self.intermediate_size < 1:
             raise ConfigError(f"[model.text_arch] sizes must be >= 1, got {self}")
         if self.vocab_size < 260:
-            raise ConfigError(f"[model.text_arch] vocab_size must be >= 260 (256 bytes + 4 specials), got {self.vocab_size}")
+            raise ConfigError(
+                f"[model.text_arch] vocab_size must be >= 260 (256 bytes + 4 specials), got {self.vocab_size}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.max_position_embeddings < 16:
@@ -445,7 +447,6 @@ class TrainConfig:
                 '[distributed] strategy = "fsdp2" does not train LoRA adapters (they are small): use "ddp"'
             )
 
-
     def _check_task(self) -> None:
         m = self.model
         if self.task is TrainTask.TRANSFORMER:
@@ -549,6 +550,8 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
         name: from_dict(cls, data[name], where=f"{where} [{name}]") for name, cls in _SECTIONS.items() if name in data
     }
     top = from_dict(_TopLevel, {k: v for k, v in data.items() if k not in _SECTIONS}, where=where)
+    if top.task is not TrainTask.TRANSFORMER and "model" not in sections:
+        sections["model"] = ModelConfig()  # not the default transformer preset
     try:
         return TrainConfig(**{f.name: getattr(top, f.name) for f in dataclasses.fields(top)}, **sections)
     except ConfigError as e:

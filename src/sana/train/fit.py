@@ -268,5 +268,7 @@ def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) -
         )
     for name, value in sd.items():
         if value.shape != expected[name].shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(sd)

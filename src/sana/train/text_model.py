@@ -152,7 +152,9 @@ def train_text_encoder(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = Gemma2ForCausalLM(gemma_config(arch, len(tokenizer))).to(device)
     data = StepData(
-        CaptionBatches(corpus, tokenizer, cfg.data.batch_size, cfg.data.text_length, cfg.data.chi_probability, cfg.seed),
+        CaptionBatches(
+            corpus, tokenizer, cfg.data.batch_size, cfg.data.text_length, cfg.data.chi_probability, cfg.seed
+        ),
         cfg.optim.grad_accum,
     )
 
