@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
 from sana.models import DCAE, DCAE_PRESETS, TRANSFORMER_PRESETS, SanaTransformer
 from sana.models.text_encoder import DEFAULT_CHI
 from sana.pipeline import PIPELINE_PRESETS, Sampler
+from sana.train.text_model import train_tokenizer
 from sana.weights.load import save_model
 
 GEMMA_2_2B = dict(  # google/gemma-2-2b-it architecture
@@ -37,20 +37,7 @@ GEMMA_2_2B = dict(  # google/gemma-2-2b-it architecture
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(DEFAULT_CHI) * 4 + ["a cat in a hat", "a red fox in the snow"], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return train_tokenizer(list(DEFAULT_CHI) * 4 + ["a cat in a hat", "a red fox in the snow"], 2000)
 
 
 def main():

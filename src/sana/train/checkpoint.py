@@ -159,6 +159,18 @@ def save_checkpoint(root: str | Path, state: TrainingState, keep_last: int = 0) 
     return final
 
 
+def resume_path(resume: str, root: Path) -> Path | None:
+    """checkpoint.resume: "auto" -> the newest checkpoint under root (or None); "" -> None; else that folder."""
+    if resume == "auto":
+        return latest_checkpoint(root)
+    if not resume:
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: no checkpoint folder {path}")
+    return path
+
+
 def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> TrainingState:
     """Read a checkpoint folder written by `save_checkpoint`."""
     path = Path(path)

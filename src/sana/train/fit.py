@@ -29,12 +29,13 @@ from sana.train.checkpoint import (
     TrainingState,
     capture_rng,
     checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    resume_path,
     save_checkpoint,
 )
 from sana.train.config import MixedPrecision, TrainConfig
+from sana.train.loop import MetricLogger, TrainingError, _progress_bar
 from sana.train.optim import EMA, build_optimizer, lr_at
 from sana.weights.io import write_json
 
@@ -108,7 +109,7 @@ def fit(
 
     ckpt_root = out / "checkpoints"
     step, counters = 0, {"items_seen": 0, "nan_updates": 0}
-    resume_from = _resume_path(cfg.checkpoint.resume, ckpt_root)
+    resume_from = resume_path(cfg.checkpoint.resume, ckpt_root)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _load_weights(model, state.model, resume_from)
@@ -122,8 +123,6 @@ def fit(
         counters.update(state.info.get("counters", {}))
         log.info("resumed from %s at step %d", resume_from, step)
     start_step, last_saved = step, (step if resume_from is not None else None)
-
-    from sana.train.loop import MetricLogger, TrainingError, _progress_bar
 
     logger = MetricLogger(out, cfg.logging.backend)
     bar = _progress_bar(cfg.schedule.max_steps, step, cfg.logging.progress)
@@ -245,17 +244,6 @@ def _unshared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
-
-
-def _resume_path(resume: str, root: Path) -> Path | None:
-    if resume == "auto":
-        return latest_checkpoint(root)
-    if not resume:
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume: no checkpoint folder {path}")
-    return path
 
 
 def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:

@@ -42,9 +42,9 @@ from sana.train.checkpoint import (
     TrainingState,
     capture_rng,
     checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    resume_path,
     save_checkpoint,
 )
 from sana.train.config import DataSource, ExportLayout, LogBackend, MixedPrecision, TrainConfig, TrainTask
@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, ctx: Context, on_step: StepCallback | None) -> dict
     ckpt_root = out / "checkpoints"
     step, epoch, position = 0, 0, 0
     counters = {"images_seen": 0, "images_skipped": 0, "nan_updates": 0}
-    resume_from = distributed.broadcast_object(_resume_path(cfg.checkpoint.resume, ckpt_root), ctx)
+    resume_from = distributed.broadcast_object(resume_path(cfg.checkpoint.resume, ckpt_root), ctx)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         _load_trained_state(model, trainable, state.model, resume_from)
@@ -342,18 +342,6 @@ def _train(cfg: TrainConfig, ctx: Context, on_step: StepCallback | None) -> dict
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers of the loop (no state of their own beyond what is passed in)
-
-
-def _resume_path(resume: str, root: Path) -> Path | None:
-    """checkpoint.resume: "auto" -> the newest checkpoint under root (or None); "" -> None; else that folder."""
-    if resume == "auto":
-        return latest_checkpoint(root)
-    if not resume:
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume: no checkpoint folder {path}")
-    return path
 
 
 def _loss_seed(seed: int, step: int, micro_batch: int) -> int:
